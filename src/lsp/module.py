@@ -1,0 +1,307 @@
+"""The LightningModule that sequences one Language Self-Play step (method.md, Algorithm 1).
+
+challenger rollout -> [on_challenger_rollout_end] -> solver rollout -> [on_solver_rollout_end]
+-> rewards R and self-reward R_Q -> advantages -> [on_rewards_computed] -> reference log-probs
+-> policy forward/backward in micro-batches -> one optimiser step. No maths here: advantages
+and losses live in `lsp.advantages` / `lsp.losses`.
+
+Departures from / choices beyond the paper (each a named option in conf/):
+- `algo.invalid_query`: degenerate Challenger outputs (`lsp.prompts.check_queries`) are not sent
+  to the Solver. `penalize` (default) gives them the lowest valid Challenger reward of the batch
+  minus 1; `skip` excludes them from the Challenger's baseline and gives them advantage 0. Their
+  KL term is kept in both cases. If no query is valid, only the Challenger learns that step.
+- Training log-probs use temperature 1 (the policy itself), whatever the sampling temperature.
+- A non-finite loss skips the optimiser step (counted as `train/nonfinite_steps`); after
+  `trainer.max_nonfinite_steps` consecutive ones the run stops with an error.
+- `trainer.micro_batch_size` splits the forward/backward; every micro-batch is normalised by the
+  full step's counts, so the update equals the full-batch one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lsp import advantages as adv
+from lsp import losses
+from lsp.logprobs import completion_logprobs, masked_sum
+from lsp.prompts import check_queries
+from lsp.records import Rollout, SelfPlayBatch
+from lsp.rollout import SamplingConfig, autocast, generate, render_chat
+
+log = logging.getLogger(__name__)
+HOOKS = ("on_challenger_rollout_end", "on_solver_rollout_end", "on_rewards_computed")
+
+
+@dataclass
+class SelfPlaySettings:
+    num_queries: int = 8
+    group_size: int = 4
+    challenger_prompt: str = ""
+    challenger: SamplingConfig = field(default_factory=SamplingConfig)
+    solver: SamplingConfig = field(default_factory=SamplingConfig)
+    max_query_chars: int = 2000
+    reject_truncated: bool = True
+    beta: float = 0.05
+    kl_estimator: str = "k1"
+    kl_placement: str = "loss"
+    aggregation: str = "seq_sum"
+    alpha_ch: float = 1.0
+    scale_std: bool = False
+    invalid_query: str = "penalize"
+    self_reward_weight: float = 1.0
+    micro_batch_size: int = 16
+    grad_clip: float | None = 1.0
+    max_nonfinite_steps: int = 3
+    amp_dtype: torch.dtype | None = None
+
+
+@dataclass
+class LossStats:
+    """Per-role results of the forward/backward pass (detached)."""
+
+    loss: float
+    kl: float  # mean over sequences of the summed token log-ratio (the paper's k1 KL)
+    tokens: int
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class SelfPlayModule(L.LightningModule):
+    def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer):
+        super().__init__()
+        self.policy = policy  # the only trainable submodule (and the only one checkpointed)
+        # Frozen helpers are kept out of the module tree: not saved, not counted as parameters.
+        self.frozen = {"reference": reference, "reward": reward, "self_reward": self_reward}
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.optimizer_factory = optimizer  # partial: params -> optimiser
+        self.automatic_optimization = False
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.challenger_chat = render_chat(tokenizer, settings.challenger_prompt)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return self.optimizer_factory(params=params)
+
+    def call_hooks(self, name: str, batch: SelfPlayBatch) -> None:
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, name, None)
+            if hook is not None:
+                hook(self.trainer, self, batch)
+
+    # ---- one step -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        timer = PhaseTimer()
+        start = time.perf_counter()
+        sp = self.play(timer)
+        stats = self.learn(sp, timer)
+        sp.timings = timer.seconds | {"step": time.perf_counter() - start}
+        self.log_step(sp, stats)
+        return None
+
+    def play(self, timer: PhaseTimer) -> SelfPlayBatch:
+        s = self.settings
+        self.policy.eval()  # no dropout while sampling
+        with timer("challenger_generation"):
+            prompts = [self.challenger_chat] * s.num_queries
+            challenger = generate(self.policy, self.tokenizer, prompts, s.challenger, s.amp_dtype)
+        truncated = challenger.truncated if s.reject_truncated else None
+        check = check_queries(challenger.completions, s.challenger_prompt, s.max_query_chars, truncated)
+        sp = SelfPlayBatch(step=self.global_step + 1, challenger=challenger, check=check)
+        self.call_hooks("on_challenger_rollout_end", sp)
+        if check.valid.any():
+            self.solve(sp, timer)
+            self.call_hooks("on_solver_rollout_end", sp)
+            self.score(sp, timer)
+        self.assign_advantages(sp)
+        self.call_hooks("on_rewards_computed", sp)
+        return sp
+
+    def solve(self, sp: SelfPlayBatch, timer: PhaseTimer) -> None:
+        s = self.settings
+        queries = sp.check.valid_queries
+        prompts = [render_chat(self.tokenizer, q) for q in queries for _ in range(s.group_size)]
+        with timer("solver_generation"):
+            sp.solver = generate(self.policy, self.tokenizer, prompts, s.solver, s.amp_dtype)
+
+    def score(self, sp: SelfPlayBatch, timer: PhaseTimer) -> None:
+        g = self.settings.group_size
+        queries = sp.check.valid_queries
+        instructions = [q for q in queries for _ in range(g)]
+        with timer("reward"):
+            out = self.frozen["reward"].score(instructions, sp.solver.completions)
+        sp.rewards = out.values.float().view(-1, g)  # (Nv, G)
+        sp.judge_failures = int(out.parse_failed.sum())
+        if self.frozen["self_reward"] is not None:
+            with timer("self_reward"):
+                q_out = self.frozen["self_reward"].score(instructions, sp.solver.completions)
+            sp.self_rewards = q_out.values.float().view(-1, g)  # (Nv, G)
+            sp.judge_failures += int(q_out.parse_failed.sum())
+            sp.self_reward_raw = q_out.raw
+
+    def assign_advantages(self, sp: SelfPlayBatch) -> None:
+        s, valid = self.settings, sp.check.valid
+        ch_reward = torch.zeros(s.num_queries)  # (N,)
+        if sp.rewards is not None:
+            a_sol, _, r_sol, r_ch_valid = adv.lsp_advantages(
+                sp.rewards, sp.self_rewards, s.self_reward_weight, s.scale_std
+            )
+            sp.solver_advantages, sp.solver_reward = a_sol, r_sol
+            ch_reward[valid] = r_ch_valid
+            # Degenerate queries: as bad as the worst real query, minus a margin (penalize).
+            ch_reward[~valid] = r_ch_valid.min() - 1.0
+        mask = valid if s.invalid_query == "skip" or sp.rewards is None else None
+        sp.challenger_reward = ch_reward
+        sp.challenger_advantages = adv.challenger_advantages(ch_reward, s.scale_std, query_mask=mask)
+
+    # ---- learning ---------------------------------------------------------------------------
+    def learn(self, sp: SelfPlayBatch, timer: PhaseTimer) -> dict[str, LossStats]:
+        s = self.settings
+        self.policy.train()
+        roles = {"challenger": (sp.challenger, sp.challenger_advantages, s.alpha_ch)}
+        if sp.solver is not None:
+            roles["solver"] = (sp.solver, sp.solver_advantages.flatten(), 1.0)
+        with timer("reference_logprobs"):
+            refs = {role: self.reference_logprobs(r[0]) for role, r in roles.items()}
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        with timer("forward_backward"):
+            stats = {role: self.backward_role(*r, refs[role]) for role, r in roles.items()}
+        total = sum(st.loss * roles[role][2] for role, st in stats.items())
+        with timer("optimizer"):
+            self.optimizer_step(opt, total)
+        return stats
+
+    def micro_batches(self, n: int):
+        size = self.settings.micro_batch_size
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> Tensor:
+        ref = self.frozen["reference"]
+        with autocast(self.device, self.settings.amp_dtype):
+            parts = [
+                completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
+                                    rollout.prompt_len)
+                for mb in self.micro_batches(rollout.sequences.shape[0])
+            ]
+        return torch.cat(parts).float()  # (B, C)
+
+    def backward_role(self, rollout: Rollout, advantages: Tensor, weight: float, ref: Tensor):
+        s = self.settings
+        mask = rollout.completion_mask.float()  # (B, C)
+        n_seq, n_tok = mask.shape[0], mask.sum().item()
+        loss_sum, kl_sum = 0.0, 0.0
+        for mb in self.micro_batches(n_seq):
+            with autocast(self.device, s.amp_dtype):
+                logp = completion_logprobs(
+                    self.policy, rollout.sequences[mb], rollout.attention_mask[mb], rollout.prompt_len
+                ).float()
+            loss, _ = losses.policy_loss(
+                logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
+                s.kl_placement, s.aggregation, num_sequences=n_seq, num_tokens=n_tok,
+            )
+            self.manual_backward(loss * weight)
+            loss_sum += loss.item()
+            kl_sum += masked_sum(logp.detach() - ref[mb], mask[mb], dim=-1).sum().item()
+        return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok))
+
+    def optimizer_step(self, opt, total_loss: float) -> None:
+        s = self.settings
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        finite = torch.isfinite(torch.tensor(total_loss)) and all(
+            torch.isfinite(g).all() for g in grads
+        )
+        if not finite:
+            self.skip_nonfinite(opt)
+            return
+        self.nonfinite_streak = 0
+        if s.grad_clip:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def skip_nonfinite(self, opt) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        log.warning("non-finite loss or gradient at step %d: optimiser step skipped (%d in a row)",
+                    self.global_step, self.nonfinite_streak)
+        if self.nonfinite_streak >= self.settings.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_streak} consecutive non-finite losses; stopping. Lower optim.lr "
+                "or check the reward scale; the last checkpoint is intact for resume=true."
+            )
+        # Lightning counts optimiser steps as global steps: count the skipped step too so the
+        # step counter, checkpoints and max_steps stay aligned.
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
+
+    # ---- metrics ----------------------------------------------------------------------------
+    def log_step(self, sp: SelfPlayBatch, stats: dict[str, LossStats]) -> None:
+        from lsp.metrics import step_metrics
+
+        metrics = step_metrics(sp, {k: vars(v) for k, v in stats.items()}, self.settings.alpha_ch)
+        metrics["train/nonfinite_steps"] = float(self.nonfinite_total)
+        if getattr(self, "grad_norm", None) is not None:
+            metrics["train/grad_norm"] = float(self.grad_norm)
+        self.last_metrics = metrics
+        bar = {"reward": "solver/reward_mean", "tok/s": "perf/tokens_per_s"}
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=1)
+        self.log_dict({k: metrics[v] for k, v in bar.items() if v in metrics}, prog_bar=True,
+                      logger=False, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Policy weights travel as a Hugging Face folder beside this file (HFCheckpoint);
+        # keeping them out of the Lightning file avoids storing them twice.
+        checkpoint["state_dict"] = {}
+        checkpoint["lsp"] = {"nonfinite_total": self.nonfinite_total, "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The policy was loaded from the checkpoint's HF folder before fit(); Lightning's strict
+        # load then sees exactly the current weights.
+        checkpoint["state_dict"] = self.state_dict()
+        extra = checkpoint.get("lsp", {})
+        self.nonfinite_total = extra.get("nonfinite_total", 0)
+        if "rng" in extra:
+            set_rng_state(extra["rng"])
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,80 @@
+"""Typed records that cross module boundaries (no loose dicts of tensors).
+
+Shapes: N queries per step, G answers per query, P prompt tokens (left-padded), C completion
+tokens (right-padded). Solver rows are ordered query-major: row i * G + j is answer j to query i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """Sampled completions of one role: prompt tokens then completion tokens."""
+
+    sequences: Tensor  # (B, P + C) left-padded prompt, then the sampled completion
+    attention_mask: Tensor  # (B, P + C) 0 on left padding and on tokens after EOS
+    prompt_len: int  # P: the completion of every row starts at this column
+    completion_mask: Tensor  # (B, C) 1 on sampled tokens up to and including the first EOS
+    prompts: list[str]  # B rendered prompts (chat template applied)
+    completions: list[str]  # B decoded completions (special tokens stripped)
+    truncated: Tensor  # (B,) bool: hit max_new_tokens before EOS
+    logprobs: Tensor | None = None  # (B, C) sampling-time policy log-probs, when kept
+
+    @property
+    def completion_lengths(self) -> Tensor:  # (B,)
+        return self.completion_mask.sum(-1)
+
+    @property
+    def completion_ids(self) -> Tensor:  # (B, C)
+        return self.sequences[:, self.prompt_len :]
+
+
+@dataclass
+class QueryCheck:
+    """Result of the degenerate-query rule applied to the Challenger's raw outputs."""
+
+    queries: list[str]  # N queries the Solver answers (cleaned; a fallback where invalid)
+    valid: Tensor  # (N,) bool: False for empty / whitespace / over-length / echoing queries
+    reasons: list[str]  # N: "" when valid, else the rule that fired
+
+    @property
+    def valid_queries(self) -> list[str]:  # Nv queries, in order
+        return [q for q, ok in zip(self.queries, self.valid.tolist(), strict=True) if ok]
+
+
+@dataclass
+class RewardOutput:
+    values: Tensor  # (B,) float32 scores
+    parse_failed: Tensor  # (B,) bool: judge output could not be parsed; value is the fallback
+    raw: list[str] = field(default_factory=list)  # judge texts (generate mode), for sample tables
+
+
+@dataclass
+class SelfPlayBatch:
+    """Everything one self-play step produced, handed to hooks and callbacks."""
+
+    step: int  # 1-based: the optimiser step this batch makes (= checkpoint/metric step)
+    challenger: Rollout  # B = N
+    check: QueryCheck
+    solver: Rollout | None = None  # B = N * G
+    rewards: Tensor | None = None  # (N, G) reward-model scores R
+    self_rewards: Tensor | None = None  # (N, G) quality self-reward R_Q (LSP only)
+    solver_reward: Tensor | None = None  # (N, G) R + w R_Q
+    challenger_reward: Tensor | None = None  # (N,) -V + w V_Q
+    solver_advantages: Tensor | None = None  # (N, G)
+    challenger_advantages: Tensor | None = None  # (N,)
+    judge_failures: int = 0  # unparseable judge outputs in this step (reward + self-reward)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+    @property
+    def group_size(self) -> int:
+        return 0 if self.rewards is None else self.rewards.shape[1]
+
+
+def empty_float(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.float32)

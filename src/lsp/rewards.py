@@ -1,0 +1,304 @@
+"""Reward sources behind one small interface: `score(instructions, responses) -> RewardOutput`.
+
+Every source is built by Hydra `_target_` with `pool` (an `lsp.models.ModelPool`) injected by the
+trainer, so a judge that names the reference model shares its weights. All forward passes run
+batched (`batch_size` rows) under `torch.inference_mode`; values come back as a (B,) float32 CPU
+tensor.
+
+- `SequenceClassifierReward`: a reward model such as Skywork-Reward-V2-Llama-3.2-3B, used as its
+  model card does: [user instruction, assistant response] through the RM's chat template
+  (tokenize=False), tokenised with add_special_tokens=False (the template already holds any BOS),
+  reward = logits[:, 0]. Rows are RIGHT-padded with the model's `config.pad_token_id`, so the
+  classifier's "rightmost non-pad token" pooling picks exactly the token it picks for the row
+  alone, whatever the padding side of the shared tokenizer and even when pad == eos; positions are
+  unaffected by right padding for any architecture. A model without a pad id gets the tokenizer's.
+- `LLMJudgeReward` (offline default): any causal LM judges with `REWARD_JUDGE_PROMPT`; the
+  assistant turn is prefilled with `answer_prefix` ("Score: ") so the next token is the digit.
+  One forward pass per batch, reading only the last position (rows LEFT-padded, position ids from
+  the attention mask). Reward = expected value of the next-token distribution renormalised over
+  '0'..'9': continuous in [0, 9]. There is nothing to parse; a row is flagged `parse_failed` when
+  the judge puts less than `min_score_mass` (0.01) of its probability on the digit tokens (it
+  wanted to say something else), and its expected value is still returned.
+- `QualitySelfReward` (R_Q, range 0..7) with `QUALITY_JUDGE_PROMPT`:
+  `mode="generate"` (default, the paper's): greedy generation of justification, calculation and
+  score, then `parse_quality_score`; unparseable rows get the fallback value, `parse_failed` True
+  and their text in `raw`. `mode="logits"` (our cheaper option for CPU runs: one forward pass
+  instead of up to `max_new_tokens` decoding steps; SmolLM2-135M also rarely completes the rubric
+  format within 128 tokens) skips the justification and calculation: the assistant turn is
+  prefilled with "<Score>" and the reward is the expected value over '0'..'7', as in
+  `LLMJudgeReward` (continuous, not an integer as in the paper).
+  `fallback` (paper silent): "batch_mean" (default) = mean of the rows of the same call that did
+  parse (midpoint 3.5 when none did): an unparseable verdict carries no information, and the batch
+  mean adds (approximately) nothing to the group-mean-subtracted advantages; "midpoint" = 3.5;
+  "zero" = 0 (punishes the Solver for the judge's failure).
+Long inputs (all sources): a rendered row longer than `max_length` tokens is shortened in the
+TEXT first, cutting the end of the response (keeping its start; then of the instruction if the
+response alone is not enough) and marking the cut with " [...]", so the rubric, the tags and the
+judge's answer slot survive. Any small excess left by re-tokenisation is then cut from the START
+of the token sequence, keeping the answer slot (classifier: the last token). In generate mode the
+prompt budget is `max_length - max_new_tokens` and only the text cut applies (prompts go to
+`lsp.rollout.generate` as strings). Judges pass `logits_to_keep=1` (transformers causal LMs) so
+only the last position's (B, V) logits are ever materialised.
+The score digits must be single tokens and tokenise the same after the prefix as alone
+(`score_token_ids` checks this once and raises a clear error otherwise).
+`amp` ("bfloat16"/None): optional autocast for the forward passes (the weights keep `dtype`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from lsp.models import ModelPool, dtype_of
+from lsp.prompts import (
+    QUALITY_MAX_SCORE,
+    REWARD_MAX_SCORE,
+    parse_quality_score,
+    render_quality_prompt,
+    render_reward_judge_prompt,
+)
+from lsp.records import RewardOutput
+from lsp.rollout import SamplingConfig, autocast, generate, render_chat
+
+CUT_MARK = " [...]"
+CUT_MARGIN = 4  # tokens: re-tokenising cut text can shift a boundary by a few tokens
+FALLBACKS = ("batch_mean", "midpoint", "zero")
+
+Render = Callable[[str, str], str]  # (instruction, response) -> the full model input text
+
+
+class RewardSource(Protocol):
+    name: str
+
+    def score(self, instructions: list[str], responses: list[str]) -> RewardOutput: ...
+
+
+# ---------------------------------------------------------------- pure maths
+
+
+def expected_score(logits: Tensor, score_token_ids: Tensor, values: Tensor) -> Tensor:
+    """(B, V) next-token logits -> (B,) expected value, renormalised over the K score tokens.
+
+    score_token_ids: (K,) token ids; values: (K,) the score each token stands for.
+    """
+    probs = torch.softmax(logits.float()[:, score_token_ids], dim=-1)  # (B, K)
+    return probs @ values.float().to(probs.device)
+
+
+def score_mass(logits: Tensor, score_token_ids: Tensor) -> Tensor:
+    """(B, V) logits -> (B,) total probability of the score tokens under the full softmax."""
+    return torch.softmax(logits.float(), dim=-1)[:, score_token_ids].sum(-1)
+
+
+def fill_unparsed(values: Tensor, parsed: Tensor, mode: str, max_score: float) -> Tensor:
+    """(B,) values, (B,) bool parsed -> values with the fallback where not parsed (module doc)."""
+    if mode not in FALLBACKS:
+        raise ValueError(f"Unknown fallback '{mode}': use one of {FALLBACKS}")
+    if mode == "zero":
+        fallback = 0.0
+    elif mode == "midpoint" or not parsed.any():
+        fallback = max_score / 2
+    else:  # batch_mean
+        fallback = values[parsed].mean().item()
+    return torch.where(parsed, values, torch.full_like(values, fallback))
+
+
+# ---------------------------------------------------------------- tokenisation helpers
+
+
+def score_token_ids(tokenizer, prefix: str, max_score: int) -> Tensor:
+    """(max_score + 1,) ids of the digit tokens '0'.. that follow `prefix` as single tokens."""
+    base = tokenizer.encode(prefix, add_special_tokens=False)
+    ids = []
+    for digit in map(str, range(max_score + 1)):
+        alone = tokenizer.encode(digit, add_special_tokens=False)
+        after = tokenizer.encode(prefix + digit, add_special_tokens=False)
+        if len(alone) != 1 or after != base + alone:
+            raise ValueError(
+                f"The judge tokenizer does not give '{digit}' as one token after {prefix!r} "
+                f"({alone} alone, {after} after the prefix): pick another answer prefix."
+            )
+        ids.append(alone[0])
+    return torch.tensor(ids)
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _cut_end(tokenizer, text: str, n: int) -> tuple[str, int]:
+    """Drop enough end tokens of text for it to shrink by n tokens once the cut is marked;
+    returns (text, tokens still to cut elsewhere)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if n <= 0 or not ids:
+        return text, max(n, 0)
+    n += _n_tokens(tokenizer, CUT_MARK)
+    keep = max(len(ids) - n, 0)
+    return tokenizer.decode(ids[:keep]) + CUT_MARK, n - (len(ids) - keep)
+
+
+def fit_pair(tokenizer, render: Render, instruction: str, response: str, max_length: int):
+    """Shorten (instruction, response) so render(...) fits max_length tokens (module doc)."""
+    excess = _n_tokens(tokenizer, render(instruction, response)) - max_length
+    if excess <= 0:
+        return instruction, response
+    response, left = _cut_end(tokenizer, response, excess + CUT_MARGIN)
+    instruction, _ = _cut_end(tokenizer, instruction, left)
+    return instruction, response
+
+
+def render_rows(tokenizer, render: Render, instructions, responses, max_length) -> list[str]:
+    pairs = zip(instructions, responses, strict=True)
+    return [render(*fit_pair(tokenizer, render, i, r, max_length)) for i, r in pairs]
+
+
+def encode_padded(tokenizer, texts: list[str], max_length: int, pad_id: int, left: bool):
+    """texts -> (input_ids (B, T), attention_mask (B, T)); each row keeps its last max_length
+    tokens; padding on the left (judges: answer slot in the last column) or the right."""
+    rows = [ids[-max_length:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[b, cols] = torch.tensor(row, dtype=torch.long)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def _chunks(items: list, size: int):
+    return (items[i : i + size] for i in range(0, len(items), size))
+
+
+def _amp(amp: str | None) -> torch.dtype | None:
+    return None if amp in (None, "none") else dtype_of(amp)
+
+
+def last_token_logits(model, tokenizer, texts: list[str], max_length: int, amp=None) -> Tensor:
+    """One forward pass over left-padded texts -> (B, V) float32 logits of the next token."""
+    ids, mask = encode_padded(tokenizer, texts, max_length, tokenizer.pad_token_id, left=True)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+    with torch.inference_mode(), autocast(model.device, amp):
+        out = model(
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+            position_ids=position_ids.to(model.device), logits_to_keep=1,
+        )
+    return out.logits[:, -1].float().cpu()
+
+
+# ---------------------------------------------------------------- reward sources
+
+
+class SequenceClassifierReward:
+    name = "sequence_classifier"
+
+    def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", batch_size: int = 8,
+                 max_length: int = 2048, amp: str | None = None):
+        self.model, self.tokenizer = pool.sequence_classifier(model, dtype)
+        config = self.model.config.get_text_config()
+        if config.pad_token_id is None:  # HF refuses batches without one (see module doc)
+            config.pad_token_id = self.tokenizer.pad_token_id
+        self.pad_id = config.pad_token_id
+        self.batch_size, self.max_length, self.amp = batch_size, max_length, _amp(amp)
+
+    def _render(self, instruction: str, response: str) -> str:
+        conv = [{"role": "user", "content": instruction},
+                {"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(conv, tokenize=False)
+
+    def _forward(self, texts: list[str]) -> Tensor:  # (b,)
+        ids, mask = encode_padded(self.tokenizer, texts, self.max_length, self.pad_id, left=False)
+        with torch.inference_mode(), autocast(self.model.device, self.amp):
+            logits = self.model(input_ids=ids.to(self.model.device),
+                                attention_mask=mask.to(self.model.device)).logits
+        return logits[:, 0].float().cpu()
+
+    def score(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+        texts = render_rows(self.tokenizer, self._render, instructions, responses, self.max_length)
+        values = torch.cat([self._forward(c) for c in _chunks(texts, self.batch_size)])
+        return RewardOutput(values=values, parse_failed=torch.zeros(len(texts), dtype=torch.bool))
+
+
+class _DigitJudge:
+    """A causal-LM judge read through the expected value of its next score-digit token."""
+
+    def __init__(self, pool: ModelPool, model: str, dtype: str, batch_size: int, max_length: int,
+                 prefix: str, max_score: int, min_score_mass: float, amp: str | None):
+        self.model, self.tokenizer = pool.causal_lm(model, dtype)
+        self.prefix, self.max_score, self.min_score_mass = prefix, max_score, min_score_mass
+        self.token_ids = score_token_ids(self.tokenizer, prefix, max_score)  # (K,)
+        self.batch_size, self.max_length, self.amp = batch_size, max_length, _amp(amp)
+
+    def _user_message(self, instruction: str, response: str) -> str:
+        raise NotImplementedError
+
+    def _render(self, instruction: str, response: str) -> str:
+        # The prefix is appended to the rendered prompt, not sent through the chat template, which
+        # could close the assistant turn or trim trailing spaces (Llama-3 trims contents).
+        return render_chat(self.tokenizer, self._user_message(instruction, response)) + self.prefix
+
+    def _judge(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+        texts = render_rows(self.tokenizer, self._render, instructions, responses, self.max_length)
+        logits = torch.cat([
+            last_token_logits(self.model, self.tokenizer, c, self.max_length, self.amp)
+            for c in _chunks(texts, self.batch_size)
+        ])  # (B, V)
+        values = expected_score(logits, self.token_ids, torch.arange(self.max_score + 1.0))
+        failed = score_mass(logits, self.token_ids) < self.min_score_mass
+        return RewardOutput(values=values, parse_failed=failed)
+
+
+class LLMJudgeReward(_DigitJudge):
+    name = "llm_judge"
+
+    def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", batch_size: int = 8,
+                 max_length: int = 2048, answer_prefix: str = "Score: ",
+                 min_score_mass: float = 0.01, amp: str | None = None):
+        super().__init__(pool, model, dtype, batch_size, max_length, answer_prefix,
+                         REWARD_MAX_SCORE, min_score_mass, amp)
+
+    def _user_message(self, instruction: str, response: str) -> str:
+        return render_reward_judge_prompt(instruction, response)
+
+    def score(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+        return self._judge(instructions, responses)
+
+
+class QualitySelfReward(_DigitJudge):
+    name = "quality_self_reward"
+
+    def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", mode: str = "generate",
+                 batch_size: int = 8, max_new_tokens: int = 256, fallback: str = "batch_mean",
+                 max_length: int = 2048, min_score_mass: float = 0.01, amp: str | None = None):
+        if mode not in ("logits", "generate"):
+            raise ValueError(f"Unknown mode '{mode}': use logits or generate")
+        if fallback not in FALLBACKS:
+            raise ValueError(f"Unknown fallback '{fallback}': use one of {FALLBACKS}")
+        super().__init__(pool, model, dtype, batch_size, max_length, "<Score>",
+                         QUALITY_MAX_SCORE, min_score_mass, amp)
+        self.mode, self.max_new_tokens, self.fallback = mode, max_new_tokens, fallback
+
+    def _user_message(self, instruction: str, response: str) -> str:
+        return render_quality_prompt(instruction, response)
+
+    def score(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+        if self.mode == "logits":
+            return self._judge(instructions, responses)
+        return self._generate(instructions, responses)
+
+    def _generate(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+        def render(i: str, r: str) -> str:
+            return render_chat(self.tokenizer, render_quality_prompt(i, r))
+
+        budget = max(self.max_length - self.max_new_tokens, 1)
+        prompts = render_rows(self.tokenizer, render, instructions, responses, budget)
+        cfg = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        texts = generate(self.model, self.tokenizer, prompts, cfg, self.amp, greedy=True).completions
+        scores = [parse_quality_score(t, self.max_score) for t in texts]
+        parsed = torch.tensor([s is not None for s in scores], dtype=torch.bool)  # (B,)
+        values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)
+        values = fill_unparsed(values, parsed, self.fallback, self.max_score)
+        return RewardOutput(values=values, parse_failed=~parsed, raw=texts)

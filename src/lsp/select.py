@@ -1,0 +1,91 @@
+"""`python -m lsp.select run_dir=<training run>`: choose the checkpoint to evaluate.
+
+Every complete checkpoint of the run answers the project's fixed validation prompts (never AlpacaEval
+instructions) as the Solver, at the evaluation temperature; the training reward scores the answers;
+the highest mean wins. Writes `<out_dir>/selection.json` (every candidate's score and the choice,
+read by `python -m lsp.evaluate candidate.selection=...`) and `<out_dir>/answers/`; logs to MLflow.
+
+The reward is the run's own (from the config the trainer saved in `<run_dir>/config.yaml`, or Hydra's
+`<run_dir>/.hydra/config.yaml`, when `reward_from_run`), else the composed `reward` group; it is
+built as `instantiate(reward_cfg, pool=ModelPool(...))`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lsp.evaluation.outputs import GenerationSettings, load_model, sample_answers
+from lsp.evaluation.runtime import resolve_device
+from lsp.evaluation.selection import (
+    Candidate,
+    list_checkpoints,
+    load_validation_prompts,
+    select_checkpoint,
+)
+from lsp.evaluation.tracking import log_run
+
+
+def model_answers(settings: GenerationSettings, device: str, cache_dir: str | None):
+    """An answer function that loads each candidate in turn (one model in memory at a time)."""
+
+    def answer(cand: Candidate, prompts: list[str]) -> list[str]:
+        model, tok = load_model(cand.path, settings.dtype, device, cache_dir)
+        try:
+            return sample_answers(model, tok, prompts, settings)
+        finally:
+            del model
+
+    return answer
+
+
+def run_reward_config(cfg: DictConfig) -> tuple[DictConfig, str]:
+    """The training run's reward config where the run saved its config, else the composed one."""
+    for saved in (Path(cfg.run_dir) / "config.yaml", Path(cfg.run_dir) / ".hydra" / "config.yaml"):
+        if not (cfg.reward_from_run and saved.exists()):
+            continue
+        run_cfg = OmegaConf.load(saved)
+        if "reward" in run_cfg:  # merged with a model node: the reward may interpolate ${model.*}
+            merged = OmegaConf.merge({"model": cfg.model}, {"model": run_cfg.get("model", {})},
+                                     {"reward": run_cfg.reward})
+            return merged.reward, str(saved)
+    return cfg.reward, "conf/reward (composed)"
+
+
+def select(cfg: DictConfig, scorer=None) -> dict:
+    from lsp.models import ModelPool
+
+    prompts, provenance = load_validation_prompts(cfg.validation_prompts)
+    candidates = list_checkpoints(cfg.run_dir)
+    if cfg.include_base:
+        candidates.insert(0, Candidate(step=0, path=cfg.model.policy))
+    reward_cfg, reward_source = run_reward_config(cfg)
+    device = resolve_device(cfg.device)
+    if scorer is None:
+        scorer = hydra.utils.instantiate(reward_cfg, pool=ModelPool(device, cfg.model.cache_dir))
+    gen = OmegaConf.to_container(cfg.generation, resolve=True)
+    answer = model_answers(GenerationSettings(**gen, seed=cfg.seed), device, cfg.model.cache_dir)
+    extra = {"run_dir": str(cfg.run_dir), "reward": OmegaConf.to_container(reward_cfg, resolve=True),
+             "reward_source": reward_source, "generation": gen}
+    result = select_checkpoint(candidates, prompts, answer, scorer, cfg.out_dir, provenance, extra)
+    chosen = result["chosen"]
+    print(f"Chosen: step {chosen['step']} (mean reward {chosen['score']:.4f}) of "
+          f"{[(c['step'], round(c['score'], 4)) for c in result['candidates']]}")
+    log_run(cfg.get("logger"), (cfg.get("logger") or {}).get("run_name") or f"select_{Path(cfg.run_dir).name}",
+            {"run_dir": cfg.run_dir, "reward": reward_cfg.get("_target_"), "n_prompts": len(prompts),
+             "validation_prompts": provenance["name"], "n_candidates": len(candidates)},
+            {"select/chosen_step": chosen["step"], "select/chosen_score": chosen["score"]},
+            [Path(cfg.out_dir) / "selection.json"], tags={"lsp.stage": "select"},
+            step_metrics=[("select/score", c["score"], c["step"]) for c in result["candidates"]])
+    return result
+
+
+@hydra.main(config_path="../../conf", config_name="select", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    select(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""`python -m lsp.train [experiment=...] [overrides]`: Language Self-Play training.
+
+`train(cfg)` is the testable entry point; `main` is the thin Hydra shell around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lsp.callbacks import latest_checkpoint
+from lsp.config import ConfigError, check_models, validate
+from lsp.data import SelfPlayData
+from lsp.models import ModelPool, ModelUnavailableError, load_causal_lm, load_tokenizer
+from lsp.models import resolve_model
+from lsp.module import SelfPlayModule, SelfPlaySettings
+from lsp.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_challenger_prompt
+from lsp.rollout import SamplingConfig
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def amp_dtype(name: str, device: str) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it natively (CUDA bf16, CPU AVX512-BF16/AMX)."""
+    if name == "none":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    """The run's folder: run_dir if set; on resume, the newest run of this name that has a
+    checkpoint; else Hydra's fresh run folder."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    if cfg.resume:
+        runs = [p.parent.parent for p in Path("outputs", cfg.name).glob("*/checkpoints/step_*")]
+        runs = [r for r in runs if latest_checkpoint(r / "checkpoints")]
+        if runs:
+            return max(runs, key=lambda r: latest_checkpoint(r / "checkpoints").stat().st_mtime)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs", cfg.name, time.strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def settings_from(cfg: DictConfig, device: str) -> SelfPlaySettings:
+    a, r = cfg.algo, cfg.rollout
+    prompt = render_challenger_prompt(r.task or DEFAULT_TASK, r.template or DEFAULT_TEMPLATE)
+    return SelfPlaySettings(
+        num_queries=r.num_queries, group_size=r.group_size, challenger_prompt=prompt,
+        challenger=SamplingConfig(**r.challenger), solver=SamplingConfig(**r.solver),
+        max_query_chars=r.max_query_chars, reject_truncated=r.reject_truncated, beta=a.beta,
+        kl_estimator=a.kl_estimator, kl_placement=a.kl_placement, aggregation=a.aggregation,
+        alpha_ch=a.alpha_ch, scale_std=a.scale_std, invalid_query=a.invalid_query,
+        self_reward_weight=a.self_reward.weight if a.self_reward.enabled else 0.0,
+        micro_batch_size=cfg.trainer.micro_batch_size, grad_clip=cfg.trainer.grad_clip,
+        max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
+        amp_dtype=amp_dtype(cfg.model.amp, device),
+    )
+
+
+def build_rewards(cfg: DictConfig, pool: ModelPool):
+    reward = instantiate(cfg.reward, pool=pool)
+    sr = OmegaConf.to_container(cfg.algo.self_reward, resolve=True)
+    if not sr.pop("enabled"):
+        return reward, None
+    sr.pop("weight")
+    return reward, instantiate(sr, pool=pool)
+
+
+def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> SelfPlayModule:
+    m = cfg.model
+    # Resuming: the policy comes from the checkpoint; the reference stays the initial model.
+    policy_path = str(resume_from) if resume_from else resolve_model(m.policy, m.cache_dir)
+    policy = load_causal_lm(policy_path, m.dtype, device, trainable=True)
+    if m.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    tokenizer = load_tokenizer(policy_path)
+    pool = ModelPool(device, m.cache_dir)
+    reference, _ = pool.causal_lm(m.reference, m.reference_dtype)
+    reward, self_reward = build_rewards(cfg, pool)
+    optimizer = instantiate(cfg.optim, _partial_=True)
+    return SelfPlayModule(policy, reference, tokenizer, reward, self_reward,
+                          settings_from(cfg, device), optimizer)
+
+
+def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:
+    lg = cfg.logger
+    tags = {"algo": cfg.algo.name, "name": cfg.name}
+    if cfg.sweep_id:
+        tags["sweep_id"] = str(cfg.sweep_id)
+    if HydraConfig.initialized() and HydraConfig.get().overrides.task:
+        tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
+    artifacts = Path(lg.artifact_location).resolve().as_uri() if lg.artifact_location else None
+    return MLFlowLogger(experiment_name=lg.experiment_name, tracking_uri=lg.tracking_uri,
+                        artifact_location=artifacts, run_name=lg.run_name or cfg.name,
+                        run_id=run_id, tags=None if run_id else tags)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    callbacks = [TQDMProgressBar(refresh_rate=1)]
+    extra = {"checkpoint": {"dirpath": str(run_dir / "checkpoints")},
+             "sample_table": {"path": str(run_dir / "samples.jsonl")}}
+    for name, spec in cfg.callbacks.items():
+        callbacks.append(instantiate(spec, **extra.get(name, {})))
+    return callbacks
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
+    if not cfg.resume:
+        return None, None
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        log.warning("resume=true but %s has no checkpoint: starting from step 0", run_dir)
+        return None, None
+    import json
+
+    info = json.loads((ckpt / "lsp_checkpoint.json").read_text())
+    log.info("resuming %s from step %d (%s)", run_dir, info["step"], ckpt)
+    return ckpt, info.get("mlflow_run_id")
+
+
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)
+    check_models(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    device = pick_device(cfg.device)
+    run_dir = run_directory(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, run_id = resume_point(cfg, run_dir)
+    module = build_module(cfg, device, ckpt)
+    logger = build_logger(cfg, run_id)
+    if run_id is None:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer = L.Trainer(
+        max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices, logger=logger, callbacks=build_callbacks(cfg, run_dir),
+        log_every_n_steps=cfg.trainer.log_every_n_steps, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        precision="32-true", default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=SelfPlayData(),
+                ckpt_path=str(ckpt / "trainer_state.ckpt") if ckpt else None,
+                weights_only=False)  # our own file: it holds RNG states (numpy) besides tensors
+    last = latest_checkpoint(run_dir / "checkpoints")
+    return {"run_dir": str(run_dir), "mlflow_run_id": logger.run_id,
+            "global_step": trainer.global_step, "last_checkpoint": str(last) if last else None,
+            "metrics": dict(getattr(module, "last_metrics", {}))}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = train(cfg)
+    except (ConfigError, ModelUnavailableError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    log.info("done: step %d, run dir %s", result["global_step"], result["run_dir"])
+
+
+if __name__ == "__main__":
+    main()

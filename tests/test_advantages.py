@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+from lsp.advantages import challenger_advantages, lsp_advantages, solver_advantages
+
+
+def test_solver_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    # group means 2 and 4 -> [[1-2, 2-2, 3-2], [0, 0, 0]]
+    expected = torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(solver_advantages(rewards), expected)
+
+
+def test_solver_advantages_std_scaling_uses_population_std():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    # row 0: population std = sqrt(((-1)^2 + 0 + 1^2) / 3) = sqrt(2/3) -> adv / sqrt(2/3)
+    # row 1: std 0 -> 0 / (0 + eps) = 0, not NaN
+    s = math.sqrt(2.0 / 3.0)
+    expected = torch.tensor([[-1.0 / s, 0.0, 1.0 / s], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(solver_advantages(rewards, scale_std=True), expected)
+
+
+def test_solver_advantages_single_answer_group_is_zero_not_nan():
+    adv = solver_advantages(torch.tensor([[3.0], [5.0]]), scale_std=True)
+    torch.testing.assert_close(adv, torch.zeros(2, 1))
+
+
+def test_equal_rewards_give_zero_solver_advantage():
+    rewards = torch.randn(5, 1).expand(5, 4)
+    torch.testing.assert_close(solver_advantages(rewards), torch.zeros(5, 4))
+    torch.testing.assert_close(solver_advantages(rewards, scale_std=True), torch.zeros(5, 4))
+
+
+def test_challenger_advantages_hand_computed():
+    # rewards -V = [-2, -4]; batch mean -3 -> [1, -1]
+    torch.testing.assert_close(
+        challenger_advantages(torch.tensor([-2.0, -4.0])), torch.tensor([1.0, -1.0])
+    )
+    # population std of [1, -1] is 1 -> unchanged (up to eps)
+    torch.testing.assert_close(
+        challenger_advantages(torch.tensor([-2.0, -4.0]), scale_std=True),
+        torch.tensor([1.0, -1.0]),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_challenger_advantages_query_mask_excludes_from_mean():
+    rewards = torch.tensor([-2.0, float("nan"), -4.0, 10.0])
+    mask = torch.tensor([True, False, True, False])
+    # mean over valid {-2, -4} = -3 -> [1, 0, -1, 0]; the NaN must not leak
+    expected = torch.tensor([1.0, 0.0, -1.0, 0.0])
+    torch.testing.assert_close(challenger_advantages(rewards, query_mask=mask), expected)
+    # std over valid advantages [1, -1] is 1 (the masked 10 must not inflate it)
+    torch.testing.assert_close(
+        challenger_advantages(rewards, scale_std=True, query_mask=mask), expected, atol=1e-5, rtol=0
+    )
+
+
+def test_challenger_advantages_all_masked_is_zero():
+    adv = challenger_advantages(torch.tensor([1.0, 2.0]), query_mask=torch.zeros(2, dtype=bool))
+    torch.testing.assert_close(adv, torch.zeros(2))
+
+
+def test_lsp_zero_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    s_adv, c_adv, s_rew, c_rew = lsp_advantages(rewards)
+    torch.testing.assert_close(s_adv, torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(s_rew, rewards)
+    # V = [2, 4] -> challenger rewards -V = [-2, -4]; mean -3 -> adv [1, -1]
+    torch.testing.assert_close(c_rew, torch.tensor([-2.0, -4.0]))
+    torch.testing.assert_close(c_adv, torch.tensor([1.0, -1.0]))
+
+
+def test_lsp_with_self_reward_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    self_rewards = torch.tensor([[7.0, 1.0, 1.0], [0.0, 3.0, 6.0]])
+    s_adv, c_adv, s_rew, c_rew = lsp_advantages(rewards, self_rewards)
+    # solver reward R + R_Q = [[8, 3, 4], [4, 7, 10]]; group means 5 and 7
+    torch.testing.assert_close(s_rew, torch.tensor([[8.0, 3.0, 4.0], [4.0, 7.0, 10.0]]))
+    torch.testing.assert_close(s_adv, torch.tensor([[3.0, -2.0, -1.0], [-3.0, 0.0, 3.0]]))
+    # V = [2, 4], V_Q = [3, 3] -> challenger reward -V + V_Q = [1, -1]; mean 0 -> adv [1, -1]
+    torch.testing.assert_close(c_rew, torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(c_adv, torch.tensor([1.0, -1.0]))
+
+
+def test_lsp_self_reward_weight():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])
+    self_rewards = torch.tensor([[7.0, 1.0, 1.0], [0.0, 3.0, 6.0]])
+    _, c_adv, s_rew, c_rew = lsp_advantages(rewards, self_rewards, self_reward_weight=0.5)
+    # solver reward R + 0.5 R_Q = [[4.5, 2.5, 3.5], [4, 5.5, 7]]
+    torch.testing.assert_close(s_rew, torch.tensor([[4.5, 2.5, 3.5], [4.0, 5.5, 7.0]]))
+    # challenger reward -V + 0.5 V_Q = [-2 + 1.5, -4 + 1.5] = [-0.5, -2.5]; mean -1.5 -> [1, -1]
+    torch.testing.assert_close(c_rew, torch.tensor([-0.5, -2.5]))
+    torch.testing.assert_close(c_adv, torch.tensor([1.0, -1.0]))
+
+
+def test_lsp_zero_equals_zero_self_rewards():
+    rewards = torch.randn(4, 3)
+    for scale_std in (False, True):
+        zero = lsp_advantages(rewards, scale_std=scale_std)
+        with_zeros = lsp_advantages(rewards, torch.zeros(4, 3), scale_std=scale_std)
+        for a, b in zip(zero, with_zeros, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_lsp_query_mask_zeroes_both_players():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0], [0.0, 9.0, 9.0]])
+    mask = torch.tensor([True, True, False])
+    s_adv, c_adv, _, _ = lsp_advantages(rewards, query_mask=mask)
+    torch.testing.assert_close(
+        s_adv, torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    )
+    # valid challenger rewards [-2, -4] -> [1, -1]; the masked query gets 0
+    torch.testing.assert_close(c_adv, torch.tensor([1.0, -1.0, 0.0]))
+
+
+def _naive_lsp(rewards, self_rewards):
+    # The paper's Algorithm 1 with explicit loops.
+    n, g = len(rewards), len(rewards[0])
+    v = [sum(rewards[i]) / g for i in range(n)]
+    vq = [sum(self_rewards[i]) / g for i in range(n)]
+    sol_r = [[rewards[i][j] + self_rewards[i][j] for j in range(g)] for i in range(n)]
+    sol_adv = [[sol_r[i][j] - sum(sol_r[i]) / g for j in range(g)] for i in range(n)]
+    ch_r = [-v[i] + vq[i] for i in range(n)]
+    ch_adv = [ch_r[i] - sum(ch_r) / n for i in range(n)]
+    return sol_adv, ch_adv
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lsp_advantages_match_naive_loops(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    self_rewards = torch.randint(0, 8, (5, 4), generator=gen).double()
+    s_adv, c_adv, _, _ = lsp_advantages(rewards, self_rewards)
+    sol_adv, ch_adv = _naive_lsp(rewards.tolist(), self_rewards.tolist())
+    torch.testing.assert_close(s_adv, torch.tensor(sol_adv, dtype=torch.float64))
+    torch.testing.assert_close(c_adv, torch.tensor(ch_adv, dtype=torch.float64))

@@ -1,0 +1,103 @@
+"""End-to-end training on the tiny smoke model, MLflow store, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from omegaconf import open_dict
+from transformers import AutoModelForCausalLM
+
+from lsp.config import ConfigError, check_models, validate
+from lsp.models import resolve_model
+from lsp.train import train
+
+REQUIRED = ["solver/reward_mean", "solver/reward_std", "challenger/reward_mean", "kl/solver",
+            "kl/challenger", "self_reward/mean", "rollout/query_len_mean",
+            "rollout/answer_len_mean", "perf/tokens_per_s"]
+
+
+def metric_keys(db: str) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {row[0] for row in con.execute("select distinct key from metrics")}
+
+
+def test_smoke_two_steps_change_every_parameter_and_log_to_sqlite(compose_cfg, workdir):
+    cfg = compose_cfg("experiment=smoke", "trainer.max_steps=2")
+    initial = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.policy))
+    result = train(cfg)
+
+    assert result["global_step"] == 2
+    trained = AutoModelForCausalLM.from_pretrained(result["last_checkpoint"])
+    before, after = dict(initial.named_parameters()), dict(trained.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+
+    keys = metric_keys(str(workdir / "mlflow.db"))
+    assert set(REQUIRED) <= keys, set(REQUIRED) - keys
+    info = json.loads((workdir / result["last_checkpoint"] / "lsp_checkpoint.json").read_text())
+    assert info["step"] == 2 and info["mlflow_run_id"] == result["mlflow_run_id"]
+    lines = (workdir / result["run_dir"] / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    assert {s["step"] for s in samples} == {1, 2}
+
+
+def test_lsp_zero_logs_no_self_reward(compose_cfg, workdir):
+    result = train(compose_cfg("experiment=smoke", "algo=lsp_zero", "trainer.max_steps=1"))
+    assert "self_reward/mean" not in result["metrics"]
+    assert "solver/reward_mean" in result["metrics"]
+
+
+def test_resume_continues_at_next_step_with_optimizer_state(compose_cfg, workdir):
+    first = train(compose_cfg("experiment=smoke", "trainer.max_steps=1", "run_dir=run"))
+    state1 = torch.load(f"{first['last_checkpoint']}/trainer_state.ckpt", weights_only=False)
+    assert state1["global_step"] == 1
+
+    # the "killed" run is restarted with resume=true and a later max_steps
+    second = train(compose_cfg("experiment=smoke", "trainer.max_steps=3", "run_dir=run",
+                               "resume=true"))
+    assert second["global_step"] == 3
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # same MLflow run continues
+    state3 = torch.load(f"{second['last_checkpoint']}/trainer_state.ckpt", weights_only=False)
+    # Adam's step count continued from the restored state (1 + 2 more steps), not from zero.
+    adam_steps = {float(s["step"]) for s in state3["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {3.0}
+    steps = sorted(int(p.name.split("_")[1]) for p in (workdir / "run/checkpoints").glob("step_*"))
+    assert steps == [2, 3]  # keep_last=2 pruned step 1
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("rollout.group_size=1", "rollout.group_size"), ("algo.beta=-1", "algo.beta"),
+     ("algo.aggregation=foo", "algo.aggregation"), ("algo.self_reward.mode=x", "self_reward.mode")],
+)
+def test_config_errors_name_the_key(compose_cfg, override, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(compose_cfg("experiment=smoke", override))
+
+
+def test_missing_model_path_names_the_key(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=smoke", f"model.policy={tmp_path}/nope")
+    with pytest.raises(ConfigError, match="model.policy"):
+        check_models(cfg)
+
+
+def test_unknown_group_option_is_one_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lsp.train", "algo=nope"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'algo/nope'" in proc.stderr and "lsp_zero" in proc.stderr
+
+
+def test_invalid_queries_are_penalized_not_crashing(compose_cfg, workdir):
+    cfg = compose_cfg("experiment=smoke", "trainer.max_steps=1")
+    with open_dict(cfg):
+        cfg.rollout.max_query_chars = 1  # every random query is "too long" -> degenerate
+    result = train(cfg)
+    assert result["metrics"]["rollout/invalid_queries"] == cfg.rollout.num_queries
+    assert result["global_step"] == 1
