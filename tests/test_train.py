@@ -101,3 +101,19 @@ def test_invalid_queries_are_penalized_not_crashing(compose_cfg, workdir):
     result = train(cfg)
     assert result["metrics"]["rollout/invalid_queries"] == cfg.rollout.num_queries
     assert result["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_one_step_on_embedded_smollm2(compose_cfg, workdir):
+    # The real embedded model, reduced sizes so CI stays fast: N=2 queries x G=2 answers.
+    cfg = compose_cfg("experiment=cpu_smollm", "algo=lsp", "trainer.max_steps=1",
+                      "rollout.num_queries=2", "rollout.group_size=2",
+                      "rollout.challenger.max_new_tokens=48", "rollout.solver.max_new_tokens=32",
+                      "rollout.reject_truncated=false")
+    result = train(cfg)
+    m = result["metrics"]
+    assert result["global_step"] == 1
+    assert 0.0 <= m["solver/reward_mean"] <= 9.0  # LLM-judge expected score on 0-9
+    assert 0.0 <= m["self_reward/mean"] <= 7.0  # quality rubric expected score on 0-7
+    assert AutoModelForCausalLM.from_pretrained(result["last_checkpoint"]) is not None
+    print({k: round(v, 3) for k, v in m.items() if k.startswith(("perf/", "solver/", "kl/"))})

@@ -227,3 +227,45 @@ class DegenerationMonitor(RolloutHooks):
             if crossed:
                 self.alerts += 1
                 log.warning("degeneration at step %d: %s", step, message)
+
+
+# ---- metrics history ------------------------------------------------------------------------
+class MetricsHistory(Callback):
+    """Appends each step's metrics to `<run_dir>/history.csv` (step, then sorted keys): the
+    training curves for DVC plots and the report, independent of the MLflow store. A resumed
+    run appends again from its checkpoint; readers keep the last row of each step."""
+
+    def __init__(self, path: str | None = None):
+        self.path = Path(path) if path else None
+        self.columns: list[str] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = getattr(pl_module, "last_metrics", None)
+        if not metrics or self.path is None:
+            return
+        if self.columns is None:
+            self.columns = self._existing_columns() or ["step", *sorted(metrics)]
+            if not self.path.exists():
+                self.path.write_text(",".join(self.columns) + "\n")
+        row = {"step": trainer.global_step, **metrics}
+        with self.path.open("a") as f:
+            f.write(",".join(_csv_value(row.get(c)) for c in self.columns) + "\n")
+
+    def _existing_columns(self) -> list[str] | None:
+        if self.path.exists() and self.path.stat().st_size:
+            return self.path.read_text().splitlines()[0].split(",")
+        return None
+
+
+def _csv_value(x) -> str:
+    return "" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """history.csv -> rows (floats), the last row of each step kept (resumed runs repeat steps)."""
+    import csv
+
+    with open(path) as f:
+        rows = {int(r["step"]): {k: float(v) if v else None for k, v in r.items()}
+                for r in csv.DictReader(f)}
+    return [rows[s] for s in sorted(rows)]

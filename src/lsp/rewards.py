@@ -31,6 +31,9 @@ tensor.
   parse (midpoint 3.5 when none did): an unparseable verdict carries no information, and the batch
   mean adds (approximately) nothing to the group-mean-subtracted advantages; "midpoint" = 3.5;
   "zero" = 0 (punishes the Solver for the judge's failure).
+- `LengthReward`: `per_char * len(response)`, no model. A trivial deterministic reward for
+  benchmarks (benchmarks/bench_step.py gives TRL's GRPOTrainer exactly this function) and tests;
+  it teaches nothing useful.
 Long inputs (all sources): a rendered row longer than `max_length` tokens is shortened in the
 TEXT first, cutting the end of the response (keeping its start; then of the instruction if the
 response alone is not enough) and marking the cut with " [...]", so the rubric, the tags and the
@@ -302,3 +305,15 @@ class QualitySelfReward(_DigitJudge):
         values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)
         values = fill_unparsed(values, parsed, self.fallback, self.max_score)
         return RewardOutput(values=values, parse_failed=~parsed, raw=texts)
+
+
+class LengthReward:
+    name = "length"
+
+    def __init__(self, pool: ModelPool | None = None, per_char: float = 0.01, **_unused):
+        # pool and any model key are accepted and ignored, so the config shape matches the others.
+        self.per_char = per_char
+
+    def score(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+        values = torch.tensor([self.per_char * len(r) for r in responses], dtype=torch.float32)
+        return RewardOutput(values=values, parse_failed=torch.zeros(len(responses), dtype=torch.bool))

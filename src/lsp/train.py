@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
@@ -22,8 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from lsp.callbacks import latest_checkpoint
 from lsp.config import ConfigError, check_models, validate
 from lsp.data import SelfPlayData
-from lsp.models import ModelPool, ModelUnavailableError, load_causal_lm, load_tokenizer
-from lsp.models import resolve_model
+from lsp.models import (
+    ModelPool,
+    ModelUnavailableError,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
 from lsp.module import SelfPlayModule, SelfPlaySettings
 from lsp.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_challenger_prompt
 from lsp.rollout import SamplingConfig
@@ -108,20 +114,26 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> Self
 def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:
     lg = cfg.logger
     tags = {"algo": cfg.algo.name, "name": cfg.name}
-    if cfg.sweep_id:
-        tags["sweep_id"] = str(cfg.sweep_id)
-    if HydraConfig.initialized() and HydraConfig.get().overrides.task:
-        tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
+    sweep_id = cfg.sweep_id
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        tags["overrides"] = " ".join(hc.overrides.task)
+        if sweep_id is None and hc.mode == RunMode.MULTIRUN:
+            sweep_id = Path(hc.sweep.dir).name  # the folder the summary is written into
+    if sweep_id:
+        tags["sweep_id"] = str(sweep_id)
     artifacts = Path(lg.artifact_location).resolve().as_uri() if lg.artifact_location else None
     return MLFlowLogger(experiment_name=lg.experiment_name, tracking_uri=lg.tracking_uri,
                         artifact_location=artifacts, run_name=lg.run_name or cfg.name,
                         run_id=run_id, tags=None if run_id else tags)
 
 
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     callbacks = [TQDMProgressBar(refresh_rate=1)]
     extra = {"checkpoint": {"dirpath": str(run_dir / "checkpoints")},
-             "sample_table": {"path": str(run_dir / "samples.jsonl")}}
+             "sample_table": {"path": str(run_dir / "samples.jsonl")},
+             "history": {"path": str(run_dir / "history.csv")}}
     for name, spec in cfg.callbacks.items():
         callbacks.append(instantiate(spec, **extra.get(name, {})))
     return callbacks

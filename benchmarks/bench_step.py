@@ -1,0 +1,306 @@
+"""One self-play step of `lsp` vs one step of TRL's GRPOTrainer, at equal Solver work.
+
+    make bench            # = .venv-bench/bin/python benchmarks/bench_step.py
+
+Both systems: the embedded SmolLM2-135M-Instruct, 4 prompts x 4 answers, at most 64 new tokens,
+temperature 1, beta 0.05 (a frozen reference model in memory), lr 3e-6, one optimiser step per
+step, no gradient checkpointing, and the same trivial deterministic reward
+(`lsp.rewards.LengthReward`: 0.01 per character of the answer).
+- TRL 1.16 `GRPOTrainer`, fp32 (`bf16=False`, as the TRL reference figure of issue 5; TRL's own
+  default on a GPU would be bf16), prompts from a fixed list of instructions.
+- `lsp`: one real step of `SelfPlayModule`, built by `lsp.train.build_module` from
+  `experiment=cpu_smollm algo=lsp_zero reward=length` with N=4, G=4, 64 new tokens for both
+  roles and `rollout.reject_truncated=false` (so all 4 queries reach the Solver), run by a
+  Lightning Trainer as `lsp.train` runs it (no logger, no checkpoints). Its queries come from its
+  own Challenger, whose generation and loss are extra work only `lsp` does.
+
+Each round runs each system in its own fresh subprocess (the order alternates between rounds), so
+peak RSS (`ru_maxrss`) is per system. A step is timed from the trainer's step-begin to step-end
+hooks. After `--warmup` steps per process, the medians over all timed steps of all rounds are
+reported. Run it on an idle machine: with 2 cores, any other load makes the timings meaningless
+(the load average is printed before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "embedded:smollm2-135m-instruct"
+N, G, MAX_NEW, BETA, LR = 4, 4, 64, 0.05, 3e-6
+LSP_OVERRIDES = [
+    "experiment=cpu_smollm", "algo=lsp_zero", "reward=length",
+    f"rollout.num_queries={N}", f"rollout.group_size={G}",
+    f"rollout.challenger.max_new_tokens={MAX_NEW}", f"rollout.solver.max_new_tokens={MAX_NEW}",
+    "rollout.reject_truncated=false", f"algo.beta={BETA}", f"optim.lr={LR}",
+]
+PROMPTS = [  # instructions like the ones the Challenger writes (TRL needs a dataset)
+    "Write a short poem about the ocean at night.",
+    "Explain how a rainbow forms in two or three sentences.",
+    "Give three tips for staying focused while studying.",
+    "Describe the taste of a fresh lemon to someone who has never had one.",
+    "What are the main differences between a cat and a dog as pets?",
+    "Summarize the plot of Cinderella in one paragraph.",
+    "List five healthy breakfast ideas.",
+    "How do I make a cup of green tea?",
+    "Write a friendly email inviting a colleague to lunch.",
+    "Explain what photosynthesis is to a ten-year-old.",
+    "Suggest a name for a new coffee shop and explain why.",
+    "What should I pack for a weekend camping trip?",
+    "Describe your ideal weekend in a few sentences.",
+    "Give me a simple recipe for pancakes.",
+    "Why is the sky blue? Answer briefly.",
+    "Write a motivational message for someone starting a new job.",
+]
+
+
+# ------------------------------------------------------------------------------------ workers
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_lsp(steps: int, extra: list[str]) -> dict:
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+
+    from lsp.config import check_models, validate
+    from lsp.data import SelfPlayData
+    from lsp.train import build_module
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=LSP_OVERRIDES + extra)
+    validate(cfg)
+    check_models(cfg)
+    L.seed_everything(cfg.seed)
+    module = build_module(cfg, "cpu", None)
+    rec = _lsp_recorder_class()()
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[rec],
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, limit_val_batches=0, precision="32-true",
+    )
+    trainer.fit(module, datamodule=SelfPlayData())
+    return {"steps": rec.steps}
+
+
+def _lsp_recorder_class():  # lightning is imported in the lsp worker only
+    import lightning as L
+
+    class Recorder(L.Callback):
+        def __init__(self):
+            self.steps: list[dict] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.start = time.perf_counter()
+            self.solver_rows, self.solver_tokens = 0, 0
+
+        def on_solver_rollout_end(self, trainer, module, sp):
+            self.solver_rows = sp.solver.sequences.shape[0]
+            self.solver_tokens = int(sp.solver.completion_lengths.sum())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seconds = time.perf_counter() - self.start
+            m = module.last_metrics
+            phases = {k[5:-2]: v for k, v in m.items() if k.startswith("perf/") and k.endswith("_s")}
+            self.steps.append({
+                "seconds": seconds, "solver_samples": self.solver_rows,
+                "solver_tokens": self.solver_tokens, "tokens": m["perf/generated_tokens"],
+                "phases": phases,
+            })
+
+    return Recorder
+
+
+def run_trl(steps: int, seed: int) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lsp.models import resolve_model
+    from lsp.rewards import LengthReward
+
+    length = LengthReward()
+    tokens = []
+
+    def length_reward(completions, completion_ids, **_):  # the same function lsp uses
+        tokens.append(sum(len(ids) for ids in completion_ids))
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return length.score([""] * len(texts), texts).values.tolist()
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append({"seconds": time.perf_counter() - self.start,
+                               "solver_samples": N * G, "solver_tokens": tokens[-1],
+                               "tokens": tokens[-1], "phases": {}})
+
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+         for i in range(N * max(steps, 4))]
+    )
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=N * G, num_generations=G,
+            max_completion_length=MAX_NEW, beta=BETA, learning_rate=LR, max_steps=steps,
+            temperature=1.0, top_p=1.0, top_k=0, bf16=False, use_cpu=True,
+            gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no",
+            disable_tqdm=True, seed=seed, dataloader_num_workers=0,
+        )
+        rec = Recorder()
+        trainer = GRPOTrainer(model=resolve_model(MODEL), reward_funcs=length_reward, args=args,
+                              train_dataset=data, callbacks=[rec])
+        trainer.train()
+    return {"steps": rec.steps}
+
+
+def worker(args) -> None:
+    import torch
+
+    steps = args.warmup + args.steps
+    result = run_trl(steps, args.seed) if args.worker == "trl" else run_lsp(steps, args.lsp)
+    result["steps"] = result["steps"][args.warmup :]
+    result |= {"peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------- orchestrator
+def machine() -> dict:
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), []))
+    return {
+        "cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+
+
+def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
+    result = log_dir / f"{system}_{rnd}.json"
+    log = log_dir / f"{system}_{rnd}.log"
+    cmd = [sys.executable, __file__, "--worker", system, "--result", str(result),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed + rnd)]
+    cmd += [f"--lsp={o}" for o in args.lsp]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f"{system} worker failed (exit {proc.returncode}); log:\n"
+                 + "\n".join(log.read_text().splitlines()[-40:]))
+    return json.loads(result.read_text())
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(runs: list[dict]) -> dict:
+    steps = [s for r in runs for s in r["steps"]]
+    phases = sorted({p for s in steps for p in s["phases"]})
+    return {
+        "steps": len(steps),
+        "step_s": median([s["seconds"] for s in steps]),
+        "solver_samples_per_s": median([s["solver_samples"] / s["seconds"] for s in steps]),
+        "solver_tokens_per_s": median([s["solver_tokens"] / s["seconds"] for s in steps]),
+        "tokens_per_s": median([s["tokens"] / s["seconds"] for s in steps]),
+        "solver_tokens": median([s["solver_tokens"] for s in steps]),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "phases_s": {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in phases},
+    }
+
+
+def report(summary: dict, mach: dict, loads: tuple, args) -> str:
+    t, s = summary["trl"], summary["lsp"]
+    lines = [
+        f"machine: {mach['cpu']}, {mach['cores']} cores, torch threads {mach['torch_threads']}, "
+        f"avx512_bf16={mach['avx512_bf16']} amx_bf16={mach['amx_bf16']} "
+        f"(oneDNN bf16: {mach['onednn_bf16']}), torch {mach['torch']}",
+        f"load average before/after: {loads[0]:.2f} / {loads[1]:.2f}; rounds {args.rounds}, "
+        f"warm-up {args.warmup} + {args.steps} timed steps per process",
+        f"{'':24}{'TRL GRPOTrainer':>18}{'lsp':>12}",
+    ]
+    rows = [("timed steps", "steps", "{:.0f}"), ("median step (s)", "step_s", "{:.2f}"),
+            ("solver samples/s", "solver_samples_per_s", "{:.3f}"),
+            ("solver tokens/step", "solver_tokens", "{:.0f}"),
+            ("solver tokens/s", "solver_tokens_per_s", "{:.1f}"),
+            ("generated tokens/s", "tokens_per_s", "{:.1f}"),
+            ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}")]
+    for label, key, fmt in rows:
+        lines.append(f"{label:24}{fmt.format(t[key]):>18}{fmt.format(s[key]):>12}")
+    lines.append("lsp step breakdown (median s): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in s["phases_s"].items()))
+    ratio = s["solver_samples_per_s"] / t["solver_samples_per_s"]
+    rss = s["peak_rss_mb"] / t["peak_rss_mb"]
+    lines.append(f"lsp/trl solver samples/s ratio: {ratio:.2f} (peak RSS lsp/trl: {rss:.2f})")
+    return "\n".join(lines)
+
+
+def orchestrate(args) -> None:
+    mach = machine()
+    load0 = os.getloadavg()[0]
+    if load0 > 1.5:
+        print(f"warning: load average {load0:.2f} > 1.5: timings will be noisy", flush=True)
+    runs: dict[str, list[dict]] = {"trl": [], "lsp": []}
+    with tempfile.TemporaryDirectory(prefix="lsp_bench_") as tmp:
+        log_dir = Path(args.log_dir or tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for rnd in range(args.rounds):
+            order = ("trl", "lsp") if rnd % 2 == 0 else ("lsp", "trl")
+            for system in order:
+                if system in args.only:
+                    t0 = time.perf_counter()
+                    runs[system].append(run_worker(system, args, log_dir, rnd))
+                    r = runs[system][-1]
+                    print(f"round {rnd + 1} {system}: steps "
+                          + " ".join(f"{st['seconds']:.1f}s" for st in r["steps"])
+                          + f", peak RSS {r['peak_rss_mb']:.0f} MiB "
+                          f"({time.perf_counter() - t0:.0f}s with loading)", flush=True)
+    summary = {k: summarize(v) for k, v in runs.items() if v}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": mach, "summary": summary,
+                                               "runs": runs, "lsp_overrides": args.lsp}, indent=1))
+    if len(summary) < 2:
+        print(json.dumps(summary, indent=1))
+        return
+    print(report(summary, mach, (load0, os.getloadavg()[0]), args))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="subprocess pairs (order alternates)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lsp", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for lsp (e.g. --lsp model.amp=none), repeatable")
+    p.add_argument("--only", nargs="+", default=["trl", "lsp"], choices=["trl", "lsp"])
+    p.add_argument("--json", help="also write all figures to this JSON file")
+    p.add_argument("--log-dir", help="keep the workers' logs here (default: a temp folder)")
+    p.add_argument("--worker", choices=["trl", "lsp"], help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    worker(args) if args.worker else orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()

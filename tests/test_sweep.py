@@ -1,0 +1,34 @@
+"""A 2x2 Hydra multirun on the smoke experiment: four tagged MLflow runs and a sweep summary."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+
+def test_sweep_tags_runs_and_writes_summary(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lsp.train", "-m", "experiment=smoke", "algo=lsp,lsp_zero",
+           "algo.beta=0,0.1", "trainer.max_steps=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    (sweep_dir,) = list((tmp_path / "multirun").iterdir())
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lsp")
+    runs = client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep_dir.name}'")
+    jobs = [r for r in runs if r.data.tags.get("sweep_summary") != "true"]
+    assert len(jobs) == 4
+    combos = {(r.data.params["algo/name"], float(r.data.params["algo/beta"])) for r in jobs}
+    assert combos == {("lsp", 0.0), ("lsp", 0.1), ("lsp_zero", 0.0), ("lsp_zero", 0.1)}
+    assert all("algo.beta=" in r.data.tags["overrides"] for r in jobs)
+
+    table = (sweep_dir / "sweep_summary.md").read_text()
+    assert table.count("| lsp") == 4 and "n/a" not in table
+    assert (sweep_dir / "sweep_summary.png").stat().st_size > 10_000
+    summary = [r for r in runs if r.data.tags.get("sweep_summary") == "true"]
+    assert len(summary) == 1
