@@ -1,0 +1,21 @@
+"""DVC stage `report`: the study report (Markdown + PNG plots) -> artifacts/report/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lsp.report import build_report
+from lsp.study import evaluate_dir, load_params, select_dir, train_dir
+
+
+def main() -> None:
+    params = load_params()
+    arms = list(params.arms)
+    path = build_report({a: train_dir(a) for a in arms}, {a: select_dir(a) for a in arms},
+                        {a: evaluate_dir(a) for a in arms}, Path("artifacts/report"),
+                        f"{params.report.title} ({params.study_name})")
+    print(f"report -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""DVC stage `select@<arm>`: choose the arm's checkpoint by the mean training reward of its
+Solver answers on the project's own validation prompts -> artifacts/select/<arm>/selection.json."""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import OmegaConf
+
+from lsp.select import select
+from lsp.study import load_params, select_dir, train_config, train_dir
+
+
+def main(arm: str) -> None:
+    params = load_params()
+    trained = train_config(params, arm)  # the same (prepared) model and reward the arm trained with
+    cfg = OmegaConf.create({
+        "model": trained.model, "reward": trained.reward, "logger": trained.logger,
+        "run_dir": str(train_dir(arm)), "out_dir": str(select_dir(arm)), "reward_from_run": False,
+        "validation_prompts": None, "include_base": params.select.include_base,
+        "generation": params.select.generation, "device": params.device, "seed": params.seed,
+    })
+    cfg.logger.run_name = f"{params.study_name}-select-{arm}"
+    select(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
