@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 SUBSETS = ("helpful_base", "koala", "oasst", "selfinstruct", "vicuna")
 # (history key, panel title, y label): one panel each, as issue 4 asks.
@@ -35,15 +37,20 @@ def _series(history: list[dict], key: str) -> pd.Series:
     return pd.Series(pts, dtype=float).sort_index()
 
 
-def _plot_curve(ax, s: pd.Series, label: str, color: str) -> None:
-    if len(s) < SMOOTH_FROM:
-        ax.plot(s.index, s.values, marker="o", ms=3, color=color, label=label)
+def smoothing_window(histories: dict[str, list[dict]]) -> int:
+    """One rolling-mean window for every arm (1: no smoothing): the arms compare like for like."""
+    longest = max(len(h) for h in histories.values())
+    return 1 if longest < SMOOTH_FROM else max(longest // 15, 3)
+
+
+def _plot_curve(ax, s: pd.Series, color: str, window: int) -> None:
+    if window == 1:
+        ax.plot(s.index, s.values, marker="o", ms=3, color=color)
         return
     # RL curves are noisy step to step: raw faint, a centred rolling mean on top.
-    window = max(len(s) // 15, 3)
     ax.plot(s.index, s.values, color=color, alpha=0.25, lw=0.8)
     smooth = s.rolling(window, center=True, min_periods=1).mean()
-    ax.plot(s.index, smooth.values, color=color, lw=1.8, label=f"{label} (rolling {window})")
+    ax.plot(s.index, smooth.values, color=color, lw=1.8)
 
 
 def _empty_panel(ax, title: str, message: str) -> None:
@@ -54,29 +61,37 @@ def _empty_panel(ax, title: str, message: str) -> None:
     ax.set_yticks([])
 
 
+def _arm_legend(fig, arms: list[str], colors: dict[str, str]) -> None:
+    """One legend for the figure: an arm has the same colour in every panel."""
+    handles = [Line2D([], [], color=colors[a], lw=2) for a in arms]
+    fig.legend(handles, arms, loc="outside lower center", ncols=min(len(arms), 6), fontsize=9)
+
+
 def plot_training_curves(histories: dict[str, list[dict]], path: Path,
                          colors: dict[str, str]) -> Path | None:
     """2x3 panels, one per CURVES entry, one line per arm; None when no arm has a history."""
     histories = {a: h for a, h in histories.items() if h}
     if not histories:
         return None
+    window = smoothing_window(histories)
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     for ax, (key, title, ylabel) in zip(fig.subplots(2, 3).flat, CURVES, strict=True):
-        drawn = 0
-        for arm, hist in histories.items():
-            s = _series(hist, key)
-            if len(s):
-                _plot_curve(ax, s, arm, colors[arm])
-                drawn += 1
-        if not drawn:
+        series = {arm: _series(hist, key) for arm, hist in histories.items()}
+        series = {arm: s for arm, s in series.items() if len(s)}
+        if not series:
             _empty_panel(ax, title, f"not logged by any arm\n({key})")
             continue
+        for arm, s in series.items():
+            _plot_curve(ax, s, colors[arm], window)
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Training curves per arm (history.csv)", fontsize=12)
+    how = "every logged step" if window == 1 else \
+        f"faint: every step; bold: centred rolling mean over {window} steps"
+    fig.suptitle(f"Training curves per arm (history.csv; {how})", fontsize=12)
+    _arm_legend(fig, list(histories), colors)
     fig.savefig(path, dpi=110)
     return path
 
@@ -107,49 +122,61 @@ def _group_label(group: str, results: dict[str, dict]) -> str:
 
 
 def _bars(ax, results: dict[str, dict], groups: list[str], ties: str,
-          colors: dict[str, str]) -> None:
+          colors: dict[str, str]) -> float:
+    """Draws one panel; returns the highest bar top (rate + SE) for the y range."""
     x = np.arange(len(groups))
     width = 0.8 / len(results)
+    top = 0.0
     for i, (arm, res) in enumerate(results.items()):
         blocks = [res.get("overall") if g == "overall" else (res.get("subsets") or {}).get(g)
                   for g in groups]
         rates, errs = zip(*(_rate(b, ties) for b in blocks), strict=True)
         ax.bar(x + (i - (len(results) - 1) / 2) * width, rates, width, yerr=errs, capsize=3,
                color=colors[arm], label=arm, error_kw={"lw": 1, "ecolor": "0.2"})
-    ax.axhline(50, ls="--", color="0.3", lw=1, label="50% (no better than base)")
+        top = max(top, np.nanmax(np.add(rates, errs), initial=0.0))
+    ax.axhline(50, ls="--", color="0.3", lw=1)
     ax.axvline(len(groups) - 1.5, color="0.7", lw=0.8)  # separates the subsets from overall
     ax.set_xticks(x, [_group_label(g, results) for g in groups], fontsize=9)
-    ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
+    return top
 
 
 def plot_win_rates(results: dict[str, dict], path: Path, colors: dict[str, str],
-                   baseline: str = "base", judge_note: str = "") -> Path | None:
-    """Per-subset and overall win rate of each arm against `baseline`, +- one standard error;
+                   baseline: str = "base", judge_note: str = "", warn: bool = False,
+                   labels: dict[str, str] | None = None) -> Path | None:
+    """Per-subset and overall win rate of each arm against `baseline`, ± one standard error;
     two panels because the two tie conventions differ (alpaca-eval: half a win; the paper's
-    26.5% for the base against itself: a non-win). `results`: arm -> a `vs_<baseline>` block."""
+    26.5% for the base against itself: a non-win). `results`: arm -> a `vs_<baseline>` block.
+    `warn`: the judge is known to be weak; the title says so in red. `labels`: legend text per
+    arm (e.g. with the evaluated checkpoint)."""
     if not results:
         return None
     groups = win_rate_groups(results)
-    fig = Figure(figsize=(max(9.0, 1.1 * len(groups) * max(len(results), 2)), 8.5),
-                 layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    for ax, ties, label in ((top, "half", "ties count half a win (alpaca-eval)"),
-                            (bottom, "loss", "ties count as non-wins (paper's reading)")):
-        _bars(ax, results, groups, ties, colors)
-        ax.set_ylabel("win rate vs base (%)")
+    width = max(9.0, 2.0 + 0.45 * len(groups) * max(len(results), 2))
+    fig = Figure(figsize=(width, 8.0), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True, sharey=True)
+    tops = [_bars(ax, results, groups, ties, colors) for ax, ties in zip(axes, ("half", "loss"),
+                                                                         strict=True)]
+    for ax, label in zip(axes, ("ties count half a win (alpaca-eval)",
+                                "ties count as non-wins (the paper's reading)"), strict=True):
+        ax.set_ylabel(f"win rate vs {baseline} (%)")
         ax.set_title(label, fontsize=10)
-    top.legend(fontsize=8, ncols=min(len(results) + 1, 5), loc="upper left")
-    bottom.tick_params(labelbottom=True)
-    title = f"AlpacaEval win rate against the {baseline} model's outputs, per subset (+- 1 SE)"
-    fig.suptitle(f"{title}\n{judge_note}" if judge_note else title, fontsize=11)
+    axes[0].set_ylim(0, min(100, max(60, 10 * np.ceil(max(tops) / 10 + 0.5))))
+    axes[1].tick_params(labelbottom=True)
+    handles = [Line2D([], [], color=colors[a], lw=8) for a in results]
+    handles.append(Line2D([], [], color="0.3", ls="--"))
+    fig.legend(handles, [*((labels or {}).get(a, a) for a in results), "50%"],
+               loc="outside lower center", ncols=min(len(results) + 1, 6), fontsize=9)
+    title = f"AlpacaEval win rate against the {baseline} model's outputs, per subset (± 1 SE)"
+    fig.suptitle(f"{title}\n{judge_note}" if judge_note else title, fontsize=11,
+                 color="firebrick" if warn else "black")
     fig.savefig(path, dpi=110)
     return path
 
 
 # ---- checkpoint selection --------------------------------------------------------------------
 def plot_selection(selections: dict[str, dict], path: Path, colors: dict[str, str]) -> Path | None:
-    """Validation score of every candidate checkpoint per arm (+- SE over prompts), chosen starred."""
+    """Validation score of each checkpoint per arm (± SE over prompts), the chosen one starred."""
     selections = {a: s for a, s in selections.items() if s and s.get("candidates")}
     if not selections:
         return None
@@ -167,10 +194,13 @@ def plot_selection(selections: dict[str, dict], path: Path, colors: dict[str, st
             ax.plot([chosen["step"]], [chosen["score"]], marker="*", ms=16, color=colors[arm],
                     mec="black", ls="none")
     ax.plot([], [], marker="*", ms=12, color="white", mec="black", ls="none", label="chosen")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("checkpoint step (0: the base model)")
     ax.set_ylabel("mean training reward on validation prompts")
-    ax.set_title("Checkpoint selection (selection.json)", fontsize=11)
+    ax.set_title("Checkpoint selection (selection.json; ± 1 SE over prompts)", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()  # lines come before error bars: chosen last
+    order = sorted(range(len(labels)), key=lambda i: labels[i] == "chosen")
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
     fig.savefig(path, dpi=110)
     return path

@@ -27,6 +27,7 @@ TITLE = "Language Self-Play study report"
 QUERY_CHARS = 600  # longer queries are cut in the report (the full text is in samples.jsonl)
 WEAK_JUDGE_MODELS = ("embedded:", "smollm", "tiny:")  # the offline judges environment.md measured
 MIN_MISMATCH_AGREEMENT = 0.75  # same bar as lsp.evaluation.sanity.format_sanity's warning
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # control bytes but \t and \n
 
 
 @dataclass
@@ -52,8 +53,9 @@ def _file(folder: Path | None, name: str) -> Path | None:
 
 
 def _read(path: Path | None, reader, arm: Arm, what: str):
+    """reader(path), or None with a note in `arm.missing` when a given path cannot be read (no
+    path given is no note: each section says what it lacks)."""
     if path is None:
-        arm.missing.append(f"{what}: no folder given")
         return None
     if not path.is_file():
         arm.missing.append(f"{what}: `{path}` does not exist")
@@ -78,18 +80,22 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_arm(name: str, train_dir: Path | None, select_dir: Path | None,
              eval_dir: Path | None) -> Arm:
     arm = Arm(name, train_dir, select_dir, eval_dir)
-    arm.history = _read(_file(train_dir, "history.csv"), read_history, arm, "training history") or []
-    arm.samples = _read(_file(train_dir, "samples.jsonl"), read_jsonl, arm, "sample table") or []
+    arm.history = _read(_file(train_dir, "history.csv"), read_history, arm, "history") or []
+    arm.samples = _read(_file(train_dir, "samples.jsonl"), read_jsonl, arm, "samples") or []
     config = train_dir / "config.yaml" if train_dir else None
     if config and config.is_file():  # optional: older runs or other trainers may lack it
-        arm.config = _read(config, lambda p: yaml.safe_load(p.read_text()), arm, "run config")
-    arm.selection = _read(_file(select_dir, "selection.json"), _read_json, arm, "checkpoint selection")
-    arm.metrics = _read(_file(eval_dir, "metrics.json"), _read_json, arm, "evaluation")
+        arm.config = _read(config, _read_mapping, arm, "run config")
+    arm.selection = _read(_file(select_dir, "selection.json"), _read_mapping, arm, "selection")
+    arm.metrics = _read(_file(eval_dir, "metrics.json"), _read_mapping, arm, "evaluation")
     return arm
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _read_mapping(path: Path) -> dict:
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a mapping")
+    return data
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -118,6 +124,7 @@ def _fenced(text: str) -> list[str]:
     """A code fence longer than any backtick run inside: model text may contain ``` itself."""
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
+    text = CONTROL.sub("\ufffd", text)  # a model's stray control bytes would garble the page
     cut = text if len(text) <= QUERY_CHARS else text[:QUERY_CHARS] + " [...]"
     return [fence + "text", cut, fence, ""]
 
@@ -144,14 +151,13 @@ def judge_name(judge: dict | None) -> str:
 
 def sanity_verdict(metrics: dict) -> str:
     sanity = metrics.get("sanity") or {}
-    if judge_is_weak(metrics.get("judge")):
-        return "**weak embedded judge: not evidence of quality**"
     mism = sanity.get("matched_vs_mismatched") or {}
-    if not mism:
-        return "unchecked (no sanity report)"
-    if (mism.get("agreement_ties_half") or 0.0) < MIN_MISMATCH_AGREEMENT:
-        return "**fails the length-independent check: not evidence of quality**"
-    return "passes the sanity checks"
+    problems = ["weak embedded judge"] if judge_is_weak(metrics.get("judge")) else []
+    if mism and (mism.get("agreement_ties_half") or 0.0) < MIN_MISMATCH_AGREEMENT:
+        problems.append("fails the length-independent check")
+    if problems:
+        return f"**{'; '.join(problems)}: not evidence of quality**"
+    return "passes the sanity checks" if mism else "unchecked (no sanity report)"
 
 
 def judge_warnings(arms: list[Arm]) -> list[str]:
@@ -164,14 +170,16 @@ def judge_warnings(arms: list[Arm]) -> list[str]:
     if weak:
         out.append(
             f"> **Warning: judged by the weak embedded model {', '.join(weak)}.** Offline numbers "
-            "judged by SmolLM2 are not evidence of quality (`../shared/docs/environment.md`: it "
-            "agreed with the strong-judge preference on 30% of pairs, picked the right answer in a "
-            "length-independent check 55% of the time, and swapping the order flipped 93% of its "
-            "verdicts). They show that the pipeline runs end to end; evidence needs a strong judge "
-            "(`eval/judge=openai_compatible` or `eval/judge=alpaca_eval_gpt4_turbo`).")
+            "judged by a small embedded model are not evidence of quality "
+            "(`../shared/docs/environment.md`: SmolLM2-135M as a judge agreed with the "
+            "strong-judge preference on 30% of pairs, picked the right answer in a "
+            "length-independent check 55% of the time, and swapping the order flipped 93% of "
+            "its verdicts). They show that the pipeline runs end to end; evidence needs a strong "
+            "judge (`eval/judge=openai_compatible` or `eval/judge=alpaca_eval_gpt4_turbo`).")
     if failing:
-        out.append(f"> **Warning:** the judge of {', '.join(failing)} fails the length-independent "
-                   "sanity check (matched vs mismatched answer): its win rates are not evidence.")
+        out.append(f"> **Warning:** the judge used for {', '.join(failing)} fails the "
+                   "length-independent sanity check (matched vs mismatched answer): its win "
+                   "rates are not evidence.")
     if unchecked:
         out.append(f"> Note: no judge sanity report for {', '.join(unchecked)} "
                    "(`eval.sanity.enabled=false`): those win rates are unqualified.")
@@ -188,7 +196,7 @@ def sanity_row(arm: Arm) -> list[str]:
         f"{_pct(known.get('agreement'))} (n={known.get('n', 0)}; longer-wins rule: "
         f"{_pct(known.get('expected_longer_rate'))})" if known else "n/a",
         f"{_pct(mism.get('agreement'))} (n={mism.get('n', 0)}; chance 50%)" if mism else "n/a",
-        f"{_pct(known.get('flip_rate'))} / {_pct(mism.get('flip_rate'))} / {_pct(ev.get('flip_rate'))}",
+        " / ".join(_pct(c.get("flip_rate")) for c in (known, mism, ev)),
         f"{_f(known.get('length_corr'), '+.2f')} / {_f(ev.get('length_corr'), '+.2f')}",
         _pct(ev.get("longer_preferred_rate")), sanity_verdict(m),
     ]
@@ -207,21 +215,32 @@ def sanity_section(arms: list[Arm]) -> list[str]:
         return []
     return ["**Judge sanity** (qualifies the win rates above; from `metrics.json` `sanity`):", "",
             *_table(SANITY_HEADER, [sanity_row(a) for a in judged]),
-            "Agreement with the strong-judge preference: AlpacaEval 2.0 reference vs 1.0 reference, "
-            "which is also the longer one in most pairs (see the longer-wins rule). "
+            "Agreement with the strong-judge preference: AlpacaEval 2.0 reference vs 1.0 "
+            "reference, which is also the longer one in most pairs (see the longer-wins rule). "
             "Length-independent check: an instruction's own answer vs the answer to another "
             "instruction of similar length (chance 50%). Order flips: how often swapping the two "
-            "outputs changes the verdict (pure position bias: 100%).", ""]
+            "outputs changes the verdict (pure position bias: 100%). Length corr: correlation of "
+            "the verdict with the length difference (+1: the longer output always wins).", ""]
 
 
 # ---- results ---------------------------------------------------------------------------------
+def evaluated_step(arm: Arm) -> int | None:
+    """The checkpoint step the evaluation used (its candidate path), else the selection's choice."""
+    model = ((arm.metrics or {}).get("candidate") or {}).get("model")
+    found = re.search(r"step_(\d+)", str(model or ""))
+    if found:
+        return int(found.group(1))
+    return ((arm.selection or {}).get("chosen") or {}).get("step")
+
+
 def selected_checkpoint(arm: Arm) -> str:
     chosen = (arm.selection or {}).get("chosen") or {}
-    if "step" in chosen:
-        return f"step {chosen['step']} (score {_f(chosen.get('score'), '.3f')})"
-    model = ((arm.metrics or {}).get("candidate") or {}).get("model")
-    step = re.search(r"step_(\d+)", str(model or ""))
-    return f"step {int(step.group(1))}" if step else (f"`{model}`" if model else "n/a")
+    step = evaluated_step(arm)
+    if "step" not in chosen:
+        return "n/a" if step is None else f"step {step}"
+    text = f"step {chosen['step']} (score {_f(chosen.get('score'), '.3f')})"
+    # An evaluation of another checkpoint than the selection chose is worth seeing.
+    return text if step in (None, chosen["step"]) else f"{text}; **evaluated step {step}**"
 
 
 def result_row(arm: Arm, key: str, subsets: list[str]) -> list[str]:
@@ -229,7 +248,7 @@ def result_row(arm: Arm, key: str, subsets: list[str]) -> list[str]:
     o, subs = block.get("overall") or {}, block.get("subsets") or {}
     lc = block.get("length_controlled") or {}
     return [
-        arm.name, selected_checkpoint(arm), _f(o.get("n_total"), "d"),
+        arm.name, selected_checkpoint(arm), str(o.get("n_total", "n/a")),
         _pm(o.get("win_rate"), o.get("standard_error")),
         _pm(o.get("win_rate_ties_as_loss"), o.get("standard_error_ties_as_loss")),
         f"{o.get('n_wins', '?')}/{o.get('n_ties', '?')}/{o.get('n_losses', '?')}",
@@ -255,7 +274,7 @@ def lc_notes(arms: list[Arm], key: str) -> list[str]:
     reasons = {(a.metrics.get(key) or {}).get("length_controlled", {}).get("reason")
                for a in arms if a.metrics and key in a.metrics}
     reasons = sorted(r for r in reasons if r)
-    return [f"Length-controlled win rate unavailable: {r[:200]}" for r in reasons]
+    return [f"Length-controlled win rate unavailable: {r[:160]}" for r in reasons]
 
 
 def results_section(arms: list[Arm], win_png: Path | None) -> list[str]:
@@ -403,8 +422,8 @@ def arm_queries(arm: Arm, n_steps: int, per_step: int) -> list[str]:
 
 def queries_section(arms: list[Arm], n_steps: int, per_step: int) -> list[str]:
     out = ["## How the Challenger's queries change over training", "",
-           "Queries logged by the sample table (`samples.jsonl`) at the first, a middle and the last "
-           f"logged step (cut at {QUERY_CHARS} characters). Challenger reward: minus the mean "
+           "Queries logged by the sample table (`samples.jsonl`) at the first, a middle and the "
+           f"last logged step (cut at {QUERY_CHARS} characters). Challenger reward: minus the mean "
            "Solver reward on the query (plus the self-reward for LSP).", ""]
     trained = [a for a in arms if a.train_dir]
     if not trained:
@@ -452,18 +471,21 @@ def missing_section(arms: list[Arm]) -> list[str]:
 def render_figures(arms: list[Arm], out_dir: Path) -> dict[str, Path | None]:
     colors = arm_colors([a.name for a in arms])
     keys = baselines(arms)
-    results = {a.name: a.metrics[keys[0]] for a in arms if keys and a.metrics and keys[0] in a.metrics}
+    results = {a.name: a.metrics[keys[0]] for a in arms
+               if keys and a.metrics and keys[0] in a.metrics}
     judges = sorted({judge_name(a.metrics.get("judge")) for a in arms if a.name in results})
     weak = any(judge_is_weak(a.metrics.get("judge")) for a in arms if a.name in results)
     note = f"judge: {', '.join(judges)}" + (
-        " -- weak embedded judge: NOT evidence of quality" if weak else "")
+        " -- a weak embedded judge: NOT evidence of quality" if weak else "")
+    labels = {a.name: a.name if step is None else f"{a.name} (step {step})"
+              for a in arms for step in [evaluated_step(a)]}
     for name in ("training_curves.png", "win_rates.png", "selection.png"):
         (out_dir / name).unlink(missing_ok=True)  # never leave a stale figure beside the report
     return {
         "curves": plot_training_curves({a.name: a.history for a in arms},
                                        out_dir / "training_curves.png", colors),
         "win_rates": plot_win_rates(results, out_dir / "win_rates.png", colors,
-                                    keys[0][3:] if keys else "base", note),
+                                    keys[0][3:] if keys else "base", note, weak, labels),
         "selection": plot_selection({a.name: a.selection for a in arms},
                                     out_dir / "selection.png", colors),
     }
@@ -526,7 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "metrics.json)")):
         p.add_argument(flag, type=_named, action="append", default=[], metavar="ARM=PATH",
                        help=f"an arm's {what}; repeat per arm")
-    p.add_argument("--root", type=Path, help="also take every arm under ROOT/{train,select,evaluate}")
+    p.add_argument("--root", type=Path,
+                   help="also take every arm found under ROOT/{train,select,evaluate}")
     p.add_argument("--out", type=Path, default=Path("artifacts/report"), help="output folder")
     p.add_argument("--title", default=TITLE)
     p.add_argument("--sample-steps", type=int, default=3, help="steps shown per arm")
