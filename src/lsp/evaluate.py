@@ -49,8 +49,11 @@ def candidate_model(cfg: DictConfig) -> tuple[str, str]:
 
 def _outputs(cfg: DictConfig, spec: str, name: str, records: list[dict]) -> list[dict]:
     settings = GenerationSettings(**OmegaConf.to_container(cfg.eval.generation, resolve=True), seed=cfg.seed)
-    outputs = generate_outputs(spec, records, name, settings, Path(cfg.out_dir) / "generations",
-                               cfg.device, cfg.model_cache_dir)
+    # The resumable generation store. `generations_dir` may contain `{generator}`: the DVC study
+    # keeps each model's outputs in its own generate stage's folder.
+    template = cfg.get("generations_dir") or str(Path(cfg.out_dir) / "generations")
+    store = Path(template.format(generator=name))
+    outputs = generate_outputs(spec, records, name, settings, store, cfg.device, cfg.model_cache_dir)
     atomic_write_json(Path(cfg.out_dir) / "model_outputs" / f"{name}.json", outputs)
     return outputs
 
@@ -72,10 +75,20 @@ def _sanity(cfg: DictConfig, judge, eval_set: list[dict], annotations) -> dict:
     return report
 
 
+def eval_records(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    """(the whole eval set, the instructions evaluated: all, or k per subset)."""
+    eval_set = load_eval_set(cfg.eval.eval_set.path, HUB_V2)
+    return eval_set, stratified_subset(eval_set, cfg.eval.subset.k_per_subset, cfg.eval.subset.seed)
+
+
+def generate_only(cfg: DictConfig, spec: str, name: str) -> list[dict]:
+    """The generation half of `evaluate` (a DVC stage of its own): model_outputs of one model."""
+    return _outputs(cfg, spec, name, eval_records(cfg)[1])
+
+
 def evaluate(cfg: DictConfig) -> dict:
     start, e, out = time.perf_counter(), cfg.eval, Path(cfg.out_dir)
-    eval_set = load_eval_set(e.eval_set.path, HUB_V2)
-    records = stratified_subset(eval_set, e.subset.k_per_subset, e.subset.seed)
+    eval_set, records = eval_records(cfg)
     spec, name = candidate_model(cfg)
     candidate = _outputs(cfg, spec, name, records)
     judge = hydra.utils.instantiate(e.judge)

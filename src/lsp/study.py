@@ -48,3 +48,18 @@ def generate_dir(arm: str) -> Path:
 
 def evaluate_dir(arm: str) -> Path:
     return ARTIFACTS / "evaluate" / arm
+
+
+def eval_config(params: DictConfig, name: str) -> DictConfig:
+    """The `lsp.evaluate` config of one study model: the arm as candidate, the prepared base
+    model as baseline, generations shared through artifacts/generate/."""
+    cfg = OmegaConf.create({
+        "model": params.model, "eval": params.eval, "logger": params.logger,
+        "candidate": {"model": str(BASE_MODEL), "name": name, "selection": None},
+        "base": {"model": str(BASE_MODEL), "name": "base"},
+        "out_dir": str(evaluate_dir(name)), "generations_dir": str(ARTIFACTS / "generate" / "{generator}"),
+        "device": params.device, "model_cache_dir": params.model_cache_dir, "seed": params.seed,
+    })
+    use_prepared_base(cfg, params.model.policy, ["eval.judge.model"])
+    cfg.logger.run_name = f"{params.study_name}-evaluate-{name}"
+    return cfg

@@ -1,5 +1,6 @@
 """DVC stage `select@<arm>`: choose the arm's checkpoint by the mean training reward of its
-Solver answers on the project's own validation prompts -> artifacts/select/<arm>/selection.json."""
+Solver answers on the project's own validation prompts -> artifacts/select/<arm>/selection.json.
+(Not named select.py: a script's folder comes first on sys.path and would shadow stdlib select.)"""
 
 from __future__ import annotations
 
