@@ -62,8 +62,16 @@ def test_configs_compose(compose_cfg):
 
 
 def test_evaluate_end_to_end_then_again_without_rejudging(compose_cfg, workdir, capsys):
+    import os
+
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # this test's store (see workdir)
     strong, weak = write_sets(workdir)
     ckpt = tiny_checkpoint(workdir / "run", 5, seed=1)
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("training")) as train_run:
+        pass  # the trainer's run, named in the checkpoint's marker
+    (ckpt / "lsp_checkpoint.json").write_text(json.dumps({"step": 5, "mlflow_run_id": train_run.info.run_id}))
     cfg = compose_cfg(*eval_overrides(workdir, strong, weak), f"candidate.model={ckpt}", config_name="evaluate")
     metrics = evaluate(cfg)
     out = workdir / "eval"
@@ -88,10 +96,10 @@ def test_evaluate_end_to_end_then_again_without_rejudging(compose_cfg, workdir, 
     assert again["vs_reference"]["overall"] == metrics["vs_reference"]["overall"]
     assert {p: p.read_text() for p in before} == before  # nothing new in the judge's cache
 
-    import mlflow
-
     runs = mlflow.search_runs(experiment_names=["lsp"])
     assert len(runs) == 2 and "metrics.eval/win_rate" in runs
+    history = mlflow.MlflowClient().get_metric_history(train_run.info.run_id, "eval/win_rate")
+    assert [m.step for m in history] == [5, 5]  # the training run gets the headline numbers too
 
 
 class LengthScorer:

@@ -68,9 +68,11 @@ def test_fn_completions_answers_alpaca_eval_records(tiny_judge):
 
     template = (Path(CONFIG_DIR) / "pair_record.txt").read_text()
     prompt = template.replace("{instruction}", "Q").replace("{output_1}", "A").replace("{output_2}", "B")
-    out = tiny_judge([prompt, prompt])
-    assert len(out["completions"]) == 2 and len(out["time_per_example"]) == 2
+    out = tiny_judge([prompt, "not a pair record", prompt])
+    assert len(out["completions"]) == 3 and len(out["time_per_example"]) == 3
     assert json.loads(out["completions"][0])["preference"] in (1.0, 1.5, 2.0)
+    assert out["completions"][1] == ""  # alpaca-eval's parser stores it as a missing annotation
+    assert out["completions"][2] == out["completions"][0]
 
 
 def test_fingerprint_names_the_cache_and_model_loads_lazily(tmp_path):

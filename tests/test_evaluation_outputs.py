@@ -107,3 +107,12 @@ def test_store_made_with_other_settings_is_refused(tmp_path):
         generate_outputs("tiny:causal", records, "m", GenerationSettings(max_new_tokens=3), tmp_path)
     # batch_size is not part of the identity: resuming with another batch size is fine.
     generate_outputs("tiny:causal", records, "m", GenerationSettings(max_new_tokens=2, batch_size=3), tmp_path)
+
+
+def test_hub_loader_offline_fails_with_a_clear_message():
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        pytest.skip("only meaningful offline (HF_HUB_OFFLINE=1)")
+    with pytest.raises(EvalSetUnavailableError, match="eval.eval_set.path"):
+        load_eval_set(None)

@@ -103,14 +103,17 @@ def test_sanity_report_on_a_tiny_judge_uses_the_cache(tmp_path):
     strong, weak = sanity_sets()
     judge = LocalHFJudge(model="tiny:causal", cache_dir=str(tmp_path))
     report = sanity_report(judge, strong, weak, n_pairs=3, seed=0)
-    assert judge.n_pairs == 6
+    assert judge.n_pairs == 6 and report["judging"]["new_judgements"] == 6
     for check in ("known_preference", "matched_vs_mismatched"):
         assert report[check]["n"] == 3 and 0 <= report[check]["agreement"] <= 1
         assert report[check]["flip_rate"] is not None
     assert len(report["annotations"]) == 6
     assert "matched vs mismatched" in format_sanity(report, "tiny")
     again = LocalHFJudge(model="tiny:causal", cache_dir=str(tmp_path))
-    assert sanity_report(again, strong, weak, n_pairs=3, seed=0) == report and again.n_pairs == 0
+    cached = sanity_report(again, strong, weak, n_pairs=3, seed=0)
+    assert again.n_pairs == 0 and cached.pop("judging")["new_judgements"] == 0
+    report.pop("judging")
+    assert cached == report
 
 
 def test_openai_compatible_judge_writes_a_config_alpaca_eval_loads(tmp_path, monkeypatch):

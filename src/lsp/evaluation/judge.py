@@ -59,6 +59,13 @@ def _logit(p: float, eps: float = 1e-6) -> float:
     return math.log(p / (1 - p))
 
 
+def _try_parse(prompt: str) -> tuple[str, str, str] | None:
+    try:
+        return parse_pair_record(prompt)
+    except ValueError:
+        return None
+
+
 @dataclass
 class PairVerdict:
     p12: float  # P(output_1 better), output_1 shown first
@@ -121,8 +128,8 @@ class LocalHFJudge:
         self, model: str = "embedded:smollm2-135m-instruct", dtype: str = "float32",
         amp: str = "none", device: str = "auto", batch_size: int = 4,
         max_instruction_tokens: int = 256, max_response_tokens: int = 512,
-        decision: str = "debiased", tie_margin: float = 0.0, answer_tokens: tuple[str, str] = ("1", "2"),
-        answer_prefix: str = "", prompt_file: str | None = None,
+        decision: str = "debiased", tie_margin: float = 0.0,
+        answer_tokens: tuple[str, str] = ("1", "2"), answer_prefix: str = "", prompt_file: str | None = None,
         cache_dir: str = "artifacts/judge_cache", model_cache_dir: str | None = None,
         chunksize: int = 16,
     ):
@@ -145,8 +152,8 @@ class LocalHFJudge:
     def fingerprint(self) -> str:
         """Names the cache: a change of model, prompt or decision never reuses old verdicts."""
         keys = [self.model_spec, self.dtype, self.amp, self.max_instruction_tokens,
-                self.max_response_tokens, self.decision, self.tie_margin, self.answer_tokens, self.answer_prefix,
-                self.template, JUDGE_VERSION]
+                self.max_response_tokens, self.decision, self.tie_margin, self.answer_tokens,
+                self.answer_prefix, self.template, JUDGE_VERSION]
         return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:12]
 
     @property
@@ -166,11 +173,14 @@ class LocalHFJudge:
     def __call__(self, prompts: list[str], **_: object) -> dict:
         """alpaca-eval's `fn_completions`: one JSON verdict per formatted pair record."""
         start = time.perf_counter()
-        triples = [parse_pair_record(p) for p in prompts]
-        verdicts = self.judge([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples])
+        triples = [_try_parse(p) for p in prompts]
+        ok = [t for t in triples if t is not None]
+        verdicts = iter(self.judge([t[0] for t in ok], [t[1] for t in ok], [t[2] for t in ok]) if ok else [])
+        # An unreadable record gets an empty completion: alpaca-eval's parser stores it as missing.
+        completions = ["" if t is None else next(verdicts).completion(self.decision, self.tie_margin)
+                       for t in triples]
         per_pair = (time.perf_counter() - start) / max(len(prompts), 1)
-        return {"completions": [v.completion(self.decision, self.tie_margin) for v in verdicts],
-                "time_per_example": [per_pair] * len(prompts),
+        return {"completions": completions, "time_per_example": [per_pair] * len(prompts),
                 "price_per_example": [0.0] * len(prompts)}
 
     # --- judging --------------------------------------------------------------------------------

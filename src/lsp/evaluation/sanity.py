@@ -127,6 +127,7 @@ def run_checks(judge, pairs: Sequence[SanityPair]) -> dict:
     rows = [{"instruction": p.instruction, "output_1": p.output_1, "output_2": p.output_2} for p in pairs]
     swapped = [{**r, "output_1": r["output_2"], "output_2": r["output_1"]} for r in rows]
     both = judge.reports_both_orders
+    pairs_before, secs_before = getattr(judge, "n_pairs", None), getattr(judge, "seconds", 0.0)
     df = annotate(judge, rows if both else rows + swapped)
     cols = ["instruction", "output_1", "output_2"]
     key = df.drop_duplicates(cols).set_index(cols)
@@ -141,6 +142,10 @@ def run_checks(judge, pairs: Sequence[SanityPair]) -> dict:
         idx = [i for i, p in enumerate(pairs) if p.check == check]
         report[check] = check_metrics([pairs[i] for i in idx], df_main.iloc[idx],
                                       [flips[i] for i in idx])
+    if pairs_before is not None:  # the local judge keeps its own count and clock
+        new, secs = judge.n_pairs - pairs_before, judge.seconds - secs_before
+        report["judging"] = {"new_judgements": new, "judge_seconds": round(secs, 3),
+                             "seconds_per_pair": round(secs / new, 3) if new else None}
     report["annotations"] = [{**asdict(p), "preference": _num(a)}
                              for p, a in zip(pairs, df_main["preference"], strict=True)]
     return report
