@@ -262,8 +262,11 @@ class SelfPlayModule(L.LightningModule):
         if getattr(self, "grad_norm", None) is not None:
             metrics["train/grad_norm"] = float(self.grad_norm)
         self.last_metrics = metrics
+        # Loggers get the 1-based step this batch made (as checkpoints and history.csv do);
+        # Lightning's own logging would use the 0-based count of finished batches.
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=sp.step)
         bar = {"reward": "solver/reward_mean", "tok/s": "perf/tokens_per_s"}
-        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=1)
         self.log_dict({k: metrics[v] for k, v in bar.items() if v in metrics}, prog_bar=True,
                       logger=False, batch_size=1)
 
