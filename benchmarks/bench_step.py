@@ -44,24 +44,46 @@ LSP_OVERRIDES = [
     f"rollout.challenger.max_new_tokens={MAX_NEW}", f"rollout.solver.max_new_tokens={MAX_NEW}",
     "rollout.reject_truncated=false", f"algo.beta={BETA}", f"optim.lr={LR}",
 ]
-PROMPTS = [  # instructions like the ones the Challenger writes (TRL needs a dataset)
-    "Write a short poem about the ocean at night.",
-    "Explain how a rainbow forms in two or three sentences.",
-    "Give three tips for staying focused while studying.",
-    "Describe the taste of a fresh lemon to someone who has never had one.",
-    "What are the main differences between a cat and a dog as pets?",
-    "Summarize the plot of Cinderella in one paragraph.",
-    "List five healthy breakfast ideas.",
-    "How do I make a cup of green tea?",
-    "Write a friendly email inviting a colleague to lunch.",
-    "Explain what photosynthesis is to a ten-year-old.",
-    "Suggest a name for a new coffee shop and explain why.",
-    "What should I pack for a weekend camping trip?",
-    "Describe your ideal weekend in a few sentences.",
-    "Give me a simple recipe for pancakes.",
-    "Why is the sky blue? Answer briefly.",
-    "Write a motivational message for someone starting a new job.",
+# TRL needs a dataset. The lsp Solver answers its Challenger's queries, which average about 57
+# tokens at 64 new tokens (measured); these instructions have about the same length, so both
+# systems' Solvers see prompts of similar size (both are printed: "solver prompt tokens").
+PROMPTS = [
+    "Write a short poem about the ocean at night. Use at least three images of light on the water, "
+    "and end with a line about the morning that is coming.",
+    "Explain how a rainbow forms, in two or three sentences that a ten-year-old can follow. "
+    "Mention sunlight, raindrops and why the colours always appear in the same order.",
+    "Give three practical tips for staying focused while studying at home, and for each tip add "
+    "one sentence on why it works and one common mistake people make with it.",
+    "Describe the taste of a fresh lemon to someone who has never had one. Compare it with two "
+    "other foods they might know, and say how it changes when you add sugar.",
+    "What are the main differences between a cat and a dog as pets? Consider the time they need, "
+    "the space they need, the cost, and what kind of owner each suits best.",
+    "Summarize the plot of Cinderella in one paragraph, then explain in one sentence what lesson "
+    "the story is usually thought to teach children, and whether you agree with it.",
+    "List five healthy breakfast ideas that take less than ten minutes to prepare. For each one, "
+    "name the main ingredients and one reason it is a good way to start the day.",
+    "How do I make a good cup of green tea? Include the water temperature, how long to steep it, "
+    "how much tea to use, and what usually makes green tea taste bitter.",
+    "Write a friendly email inviting a new colleague to lunch next Tuesday. Keep it short, suggest "
+    "two places near the office, and make it easy for them to say no without awkwardness.",
+    "Explain what photosynthesis is to a ten-year-old. Use a simple comparison with cooking, say "
+    "what plants need for it, and what they give back to the air that we breathe.",
+    "Suggest a name for a new coffee shop in a small university town, explain why the name fits, "
+    "and describe in two sentences the kind of atmosphere the shop should have.",
+    "What should I pack for a weekend camping trip in the mountains in early autumn? Group the "
+    "items into clothing, food, shelter and safety, and keep the list short.",
+    "Describe an ideal relaxing weekend in a few sentences. Include one activity outdoors, one "
+    "at home, and one with friends, and say why each of them helps you rest.",
+    "Give me a simple recipe for pancakes that uses only ingredients most kitchens already have. "
+    "List the ingredients with amounts, then the steps, and one tip for fluffier pancakes.",
+    "Why is the sky blue during the day but red and orange at sunset? Answer briefly and without "
+    "equations, as if you were explaining it to a curious friend on a walk.",
+    "Write a short motivational message for someone starting a new job on Monday. Mention that "
+    "feeling nervous is normal, give one piece of concrete advice, and end on a warm note.",
 ]
+STYLE = (" Write in plain, friendly English, keep the answer reasonably short, and do not repeat the"
+         " question back to me before answering it.")
+PROMPTS = [p + STYLE for p in PROMPTS]
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -107,33 +129,40 @@ def _lsp_recorder_class():  # lightning is imported in the lsp worker only
         def on_solver_rollout_end(self, trainer, module, sp):
             self.solver_rows = sp.solver.sequences.shape[0]
             self.solver_tokens = int(sp.solver.completion_lengths.sum())
+            prompt_mask = sp.solver.attention_mask[:, : sp.solver.prompt_len]
+            self.prompt_tokens = prompt_mask.sum(-1).float().mean().item()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             seconds = time.perf_counter() - self.start
             m = module.last_metrics
-            phases = {k[5:-2]: v for k, v in m.items() if k.startswith("perf/") and k.endswith("_s")}
+            phases = {k[5:-2]: v for k, v in m.items()
+                      if k.startswith("perf/") and k.endswith("_s") and k != "perf/tokens_per_s"}
             self.steps.append({
                 "seconds": seconds, "solver_samples": self.solver_rows,
                 "solver_tokens": self.solver_tokens, "tokens": m["perf/generated_tokens"],
-                "phases": phases,
+                "prompt_tokens": self.prompt_tokens, "phases": phases,
             })
 
     return Recorder
 
 
-def run_trl(steps: int, seed: int) -> dict:
+def run_trl(steps: int, seed: int, bf16: bool = False) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lsp.models import resolve_model
+    from lsp.models import load_tokenizer, resolve_model
     from lsp.rewards import LengthReward
 
     length = LengthReward()
-    tokens = []
+    tokens, prompt_tokens = [], []
+    tok = load_tokenizer(resolve_model(MODEL))
 
-    def length_reward(completions, completion_ids, **_):  # the same function lsp uses
+    def length_reward(completions, completion_ids, prompts, **_):  # the same function lsp uses
         tokens.append(sum(len(ids) for ids in completion_ids))
+        prompt_tokens.append(statistics.mean(
+            len(tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True)["input_ids"])
+            for p in prompts))
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return length.score([""] * len(texts), texts).values.tolist()
 
@@ -147,7 +176,8 @@ def run_trl(steps: int, seed: int) -> dict:
         def on_step_end(self, args, state, control, **kw):
             self.steps.append({"seconds": time.perf_counter() - self.start,
                                "solver_samples": N * G, "solver_tokens": tokens[-1],
-                               "tokens": tokens[-1], "phases": {}})
+                               "tokens": tokens[-1], "prompt_tokens": prompt_tokens[-1],
+                               "phases": {}})
 
     data = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
@@ -157,7 +187,7 @@ def run_trl(steps: int, seed: int) -> dict:
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=N * G, num_generations=G,
             max_completion_length=MAX_NEW, beta=BETA, learning_rate=LR, max_steps=steps,
-            temperature=1.0, top_p=1.0, top_k=0, bf16=False, use_cpu=True,
+            temperature=1.0, top_p=1.0, top_k=0, bf16=bf16, use_cpu=True,
             gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no",
             disable_tqdm=True, seed=seed, dataloader_num_workers=0,
         )
@@ -172,7 +202,10 @@ def worker(args) -> None:
     import torch
 
     steps = args.warmup + args.steps
-    result = run_trl(steps, args.seed) if args.worker == "trl" else run_lsp(steps, args.lsp)
+    if args.worker == "trl":
+        result = run_trl(steps, args.seed, args.trl_bf16)
+    else:
+        result = run_lsp(steps, args.lsp)
     result["steps"] = result["steps"][args.warmup :]
     result |= {"peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
     Path(args.result).write_text(json.dumps(result))
@@ -200,7 +233,7 @@ def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
     log = log_dir / f"{system}_{rnd}.log"
     cmd = [sys.executable, __file__, "--worker", system, "--result", str(result),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed + rnd)]
-    cmd += [f"--lsp={o}" for o in args.lsp]
+    cmd += [f"--lsp={o}" for o in args.lsp] + (["--trl-bf16"] if args.trl_bf16 else [])
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -224,6 +257,7 @@ def summarize(runs: list[dict]) -> dict:
         "solver_tokens_per_s": median([s["solver_tokens"] / s["seconds"] for s in steps]),
         "tokens_per_s": median([s["tokens"] / s["seconds"] for s in steps]),
         "solver_tokens": median([s["solver_tokens"] for s in steps]),
+        "prompt_tokens": median([s["prompt_tokens"] for s in steps]),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "phases_s": {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in phases},
     }
@@ -241,6 +275,7 @@ def report(summary: dict, mach: dict, loads: tuple, args) -> str:
     ]
     rows = [("timed steps", "steps", "{:.0f}"), ("median step (s)", "step_s", "{:.2f}"),
             ("solver samples/s", "solver_samples_per_s", "{:.3f}"),
+            ("solver prompt tokens", "prompt_tokens", "{:.0f}"),
             ("solver tokens/step", "solver_tokens", "{:.0f}"),
             ("solver tokens/s", "solver_tokens_per_s", "{:.1f}"),
             ("generated tokens/s", "tokens_per_s", "{:.1f}"),
@@ -293,6 +328,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lsp", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for lsp (e.g. --lsp model.amp=none), repeatable")
+    p.add_argument("--trl-bf16", action="store_true",
+                   help="a variant: TRL with bf16=True (its default on GPUs; mixed precision on CPU)")
     p.add_argument("--only", nargs="+", default=["trl", "lsp"], choices=["trl", "lsp"])
     p.add_argument("--json", help="also write all figures to this JSON file")
     p.add_argument("--log-dir", help="keep the workers' logs here (default: a temp folder)")

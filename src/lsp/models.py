@@ -193,11 +193,59 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trainable: bool = False):
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", trainable: bool = False,
+                   attn_implementation: str = "auto"):
+    """attn_implementation: "auto" (grouped attention on CPU where it is known to apply, else
+    transformers' default), "grouped", or any transformers name ("sdpa", "eager", ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_of(dtype)).to(device)
+    if attn_implementation == "auto":
+        model_type = AutoConfig.from_pretrained(path).model_type
+        grouped = torch.device(device).type == "cpu" and model_type in GROUPED_ATTENTION_MODELS
+        attn_implementation = "grouped" if grouped else None
+    if attn_implementation == "grouped":
+        attn_implementation = register_grouped_attention()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype_of(dtype), attn_implementation=attn_implementation
+    ).to(device)
     return _set_mode(model, trainable)
+
+
+# Decoder-only models whose attention is plain causal GQA (no sliding window, softcapping, sinks):
+# exactly what `grouped_attention` computes.
+GROUPED_ATTENTION_MODELS = ("llama", "qwen2", "qwen3")
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    """Attention for a transformers model, grouped-query aware without copying K/V per head.
+
+    query (B, H, Tq, D); key, value (B, Hkv, Tk, D); attention_mask: additive float
+    (B, 1, Tq, Tk) (0 or a large negative) or None -> ((B, Tq, H, D), None). Same maths as
+    transformers' eager attention; on CPU several times faster than SDPA's flash kernel for
+    decoding (Tq = 1: about 0.1 ms vs 1 ms per layer for 4 rows x 360 keys) and without
+    eager's repeat_kv copies (query heads i*g .. i*g+g-1 share K/V head i, as in repeat_kv)."""
+    b, h, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    g = h // hkv
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.reshape(b, hkv, g * tq, d)  # row j * tq + t: query head i * g + j, position t
+    w = (q @ key.transpose(-1, -2)).view(b, hkv, g, tq, tk) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask[:, :, None, :, -tk:]  # (B, 1, 1, Tq, Tk) broadcast over heads
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(value.dtype)
+    if dropout and module.training:
+        w = torch.nn.functional.dropout(w, p=dropout)
+    out = (w.view(b, hkv, g * tq, tk) @ value).view(b, h, tq, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_grouped_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("lsp_grouped", grouped_attention)
+    AttentionMaskInterface.register("lsp_grouped", eager_mask)
+    return "lsp_grouped"
 
 
 def load_sequence_classifier(path: str, dtype: str = "float32", device: str = "cpu"):
@@ -218,9 +266,11 @@ class ModelPool:
     """Frozen models shared by path: the reference, the self-reward judge and an LLM-judge reward
     that name the same model get one set of weights in memory."""
 
-    def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None):
+    def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None,
+                 attn_implementation: str = "auto"):
         self.device = device
         self.cache_dir = cache_dir
+        self.attn_implementation = attn_implementation  # causal LMs (load_causal_lm)
         self._models: dict[tuple[str, str, str], tuple] = {}
 
     def causal_lm(self, spec: str, dtype: str = "float32"):
@@ -233,6 +283,10 @@ class ModelPool:
         key = (kind, spec, dtype)
         if key not in self._models:
             path = resolve_model(spec, self.cache_dir)
-            load = load_causal_lm if kind == "causal" else load_sequence_classifier
-            self._models[key] = (load(path, dtype, self.device), load_tokenizer(path))
+            if kind == "causal":
+                model = load_causal_lm(path, dtype, self.device,
+                                       attn_implementation=self.attn_implementation)
+            else:
+                model = load_sequence_classifier(path, dtype, self.device)
+            self._models[key] = (model, load_tokenizer(path))
         return self._models[key]

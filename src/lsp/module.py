@@ -15,11 +15,19 @@ Departures from / choices beyond the paper (each a named option in conf/):
   `trainer.max_nonfinite_steps` consecutive ones the run stops with an error.
 - `trainer.micro_batch_size` splits the forward/backward; every micro-batch is normalised by the
   full step's counts, so the update equals the full-batch one.
+
+Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
+prompt once in the reference and training passes (`lsp.logprobs`); the finite-gradient check is
+the gradient norm (one pass); `retain_freed_memory` keeps glibc from returning the step's
+activations to the OS between steps (CPU).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +68,8 @@ class SelfPlaySettings:
     grad_clip: float | None = 1.0
     max_nonfinite_steps: int = 3
     amp_dtype: torch.dtype | None = None
+    share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.logprobs), same maths
+    retain_freed_memory: bool = True  # CPU/glibc: reuse freed heap pages (retain_freed_memory)
 
 
 @dataclass
@@ -82,6 +92,24 @@ class PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
+def retain_freed_memory() -> bool:
+    """glibc: keep freed heap memory for reuse instead of returning it to the OS at once.
+
+    Without it, each step's forward/backward page-faults about 1 GB back in (its activations were
+    unmapped or trimmed after the last step): about 1 s per step on a 2-core CPU, 10% of a
+    SmolLM2 step. Peak RSS is unchanged (the same memory is reused); RSS no longer shrinks after
+    the peak. Blocks over 32 MiB (glibc's largest threshold) are still mapped per allocation."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
+        libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 class SelfPlayModule(L.LightningModule):
     def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer):
         super().__init__()
@@ -95,6 +123,10 @@ class SelfPlayModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.challenger_chat = render_chat(tokenizer, settings.challenger_prompt)
+
+    def on_fit_start(self) -> None:
+        if self.settings.retain_freed_memory and self.device.type == "cpu":
+            retain_freed_memory()
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -199,7 +231,7 @@ class SelfPlayModule(L.LightningModule):
         with autocast(self.device, self.settings.amp_dtype):
             parts = [
                 completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
-                                    rollout.prompt_len)
+                                    rollout.prompt_len, share_prefix=self.settings.share_prefix)
                 for mb in self.micro_batches(rollout.sequences.shape[0])
             ]
         return torch.cat(parts).float()  # (B, C)
@@ -212,7 +244,8 @@ class SelfPlayModule(L.LightningModule):
         for mb in self.micro_batches(n_seq):
             with autocast(self.device, s.amp_dtype):
                 logp = completion_logprobs(
-                    self.policy, rollout.sequences[mb], rollout.attention_mask[mb], rollout.prompt_len
+                    self.policy, rollout.sequences[mb], rollout.attention_mask[mb],
+                    rollout.prompt_len, share_prefix=s.share_prefix,
                 ).float()
             loss, _ = losses.policy_loss(
                 logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
@@ -225,16 +258,16 @@ class SelfPlayModule(L.LightningModule):
 
     def optimizer_step(self, opt, total_loss: float) -> None:
         s = self.settings
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        finite = torch.isfinite(torch.tensor(total_loss)) and all(
-            torch.isfinite(g).all() for g in grads
-        )
-        if not finite:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        # One pass over the gradients: their total norm is finite iff every gradient is.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not (math.isfinite(total_loss) and torch.isfinite(norm)):
             self.skip_nonfinite(opt)
             return
         self.nonfinite_streak = 0
+        self.grad_norm = norm
         if s.grad_clip:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(params, s.grad_clip, norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -252,3 +252,23 @@ def parse_digit_score(text: str, max_score: int = REWARD_MAX_SCORE) -> int | Non
         return _as_score(labelled[-1], max_score)
     opening = re.match(r"\s*" + _NUMBER + r"(?![\d.])", text)
     return _as_score(opening.group(1), max_score) if opening else None
+
+
+def load_prompt_file(path: str) -> list[str]:
+    """Instructions for the data-driven GRPO baseline: a JSON list (of strings, or of records
+    with an `instruction` field), JSON Lines of either, or a text file with one per line."""
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        items = json.loads(text)
+    elif path.endswith(".jsonl"):
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = text.splitlines()
+    prompts = [i["instruction"] if isinstance(i, dict) else str(i) for i in items]
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no instructions")
+    return prompts

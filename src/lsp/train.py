@@ -83,6 +83,7 @@ def settings_from(cfg: DictConfig, device: str) -> SelfPlaySettings:
         micro_batch_size=cfg.trainer.micro_batch_size, grad_clip=cfg.trainer.grad_clip,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         amp_dtype=amp_dtype(cfg.model.amp, device),
+        share_prefix=cfg.model.share_prefix,
     )
 
 
@@ -99,11 +100,12 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> Self
     m = cfg.model
     # Resuming: the policy comes from the checkpoint; the reference stays the initial model.
     policy_path = str(resume_from) if resume_from else resolve_model(m.policy, m.cache_dir)
-    policy = load_causal_lm(policy_path, m.dtype, device, trainable=True)
+    attn = m.attn_implementation
+    policy = load_causal_lm(policy_path, m.dtype, device, trainable=True, attn_implementation=attn)
     if m.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     tokenizer = load_tokenizer(policy_path)
-    pool = ModelPool(device, m.cache_dir)
+    pool = ModelPool(device, m.cache_dir, attn_implementation=attn)
     reference, _ = pool.causal_lm(m.reference, m.reference_dtype)
     reward, self_reward = build_rewards(cfg, pool)
     optimizer = instantiate(cfg.optim, _partial_=True)
