@@ -38,7 +38,7 @@ class Rollout:
 class QueryCheck:
     """Result of the degenerate-query rule applied to the Challenger's raw outputs."""
 
-    queries: list[str]  # N queries the Solver answers (cleaned; a fallback where invalid)
+    queries: list[str]  # N cleaned Challenger queries (invalid ones kept; see `valid`)
     valid: Tensor  # (N,) bool: False for empty / whitespace / over-length / echoing queries
     reasons: list[str]  # N: "" when valid, else the rule that fired
 
