@@ -117,3 +117,23 @@ def test_one_step_on_embedded_smollm2(compose_cfg, workdir):
     assert 0.0 <= m["self_reward/mean"] <= 7.0  # quality rubric expected score on 0-7
     assert AutoModelForCausalLM.from_pretrained(result["last_checkpoint"]) is not None
     print({k: round(v, 3) for k, v in m.items() if k.startswith(("perf/", "solver/", "kl/"))})
+
+
+def test_grpo_baseline_takes_queries_from_a_prompt_file(compose_cfg, workdir):
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("Name a colour.\nWrite one word.\nSay hello.\n")
+    cfg = compose_cfg("experiment=smoke", "algo=grpo", f"rollout.prompt_file={prompts}",
+                      "trainer.max_steps=2")
+    result = train(cfg)
+    m = result["metrics"]
+    assert result["global_step"] == 2
+    assert "kl/solver" in m and "kl/challenger" not in m  # no Challenger role
+    assert "challenger/reward_mean" not in m and "solver/reward_mean" in m
+    lines = (workdir / result["run_dir"] / "samples.jsonl").read_text().splitlines()
+    queries = {json.loads(line)["query"] for line in lines}
+    assert queries <= set(prompts.read_text().splitlines())
+
+
+def test_grpo_without_a_prompt_file_is_a_config_error(compose_cfg):
+    with pytest.raises(ConfigError, match="rollout.prompt_file"):
+        validate(compose_cfg("experiment=smoke", "algo=grpo"))

@@ -200,7 +200,8 @@ class DegenerationMonitor(RolloutHooks):
         }
 
     def on_rewards_computed(self, trainer, module, batch: SelfPlayBatch) -> None:
-        lengths = batch.challenger.completion_lengths.tolist()
+        lengths = ([len(q.split()) for q in batch.check.queries] if batch.challenger is None
+                   else batch.challenger.completion_lengths.tolist())
         metrics = self.query_metrics(batch.check.queries, lengths)
         judged = batch.rewards.numel() * (2 if batch.self_rewards is not None else 1) \
             if batch.rewards is not None else 0

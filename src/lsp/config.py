@@ -62,6 +62,8 @@ def validate(cfg: DictConfig) -> None:
             f"invalid config: algo.kl_estimator={cfg.algo.kl_estimator!r} with "
             "algo.kl_placement='reward': only k1 is an unbiased reward penalty"
         )
+    if cfg.algo.name == "grpo" and not cfg.rollout.prompt_file:
+        raise ConfigError("invalid config: algo=grpo needs rollout.prompt_file (its training prompts)")
     for key in ("model.policy", "model.reference", "reward.model", "reward._target_"):
         _require(cfg, key, lambda v: bool(v), "must name a model / class")
 

@@ -13,13 +13,10 @@ def _mean_std(x: torch.Tensor, prefix: str) -> dict[str, float]:
 
 
 def rollout_metrics(sp: SelfPlayBatch) -> dict[str, float]:
-    ch = sp.challenger
-    out = {
-        "rollout/query_len_mean": ch.completion_lengths.float().mean().item(),  # tokens
-        "rollout/invalid_queries": float((~sp.check.valid).sum()),
-        "rollout/query_truncated_frac": ch.truncated.float().mean().item(),
-        "rollout/answer_len_mean": 0.0,
-    }
+    out = {"rollout/invalid_queries": float((~sp.check.valid).sum()), "rollout/answer_len_mean": 0.0}
+    if sp.challenger is not None:  # None: queries from a prompt file (GRPO)
+        out["rollout/query_len_mean"] = sp.challenger.completion_lengths.float().mean().item()
+        out["rollout/query_truncated_frac"] = sp.challenger.truncated.float().mean().item()
     for reason in ("empty", "too_long", "truncated", "echo"):
         out[f"rollout/invalid_{reason}"] = float(sum(r == reason for r in sp.check.reasons))
     if sp.solver is not None:
@@ -29,8 +26,10 @@ def rollout_metrics(sp: SelfPlayBatch) -> dict[str, float]:
 
 
 def reward_metrics(sp: SelfPlayBatch) -> dict[str, float]:
-    out = _mean_std(sp.challenger_reward, "challenger/reward")
-    out["challenger/advantage_abs_mean"] = sp.challenger_advantages.abs().mean().item()
+    out = {}
+    if sp.challenger is not None:
+        out |= _mean_std(sp.challenger_reward, "challenger/reward")
+        out["challenger/advantage_abs_mean"] = sp.challenger_advantages.abs().mean().item()
     if sp.rewards is None:
         return out
     out |= _mean_std(sp.rewards, "solver/reward")
@@ -48,7 +47,7 @@ def reward_metrics(sp: SelfPlayBatch) -> dict[str, float]:
 
 def perf_metrics(sp: SelfPlayBatch) -> dict[str, float]:
     t = sp.timings
-    generated = sp.challenger.completion_lengths.sum().item()
+    generated = 0 if sp.challenger is None else sp.challenger.completion_lengths.sum().item()
     if sp.solver is not None:
         generated += sp.solver.completion_lengths.sum().item()
     out = {f"perf/{phase}_s": seconds for phase, seconds in t.items()}

@@ -40,7 +40,7 @@ from lsp import advantages as adv
 from lsp import losses
 from lsp.logprobs import completion_logprobs, masked_sum
 from lsp.prompts import check_queries
-from lsp.records import Rollout, SelfPlayBatch
+from lsp.records import QueryCheck, Rollout, SelfPlayBatch
 from lsp.rollout import SamplingConfig, autocast, generate, render_chat
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class SelfPlaySettings:
     grad_clip: float | None = 1.0
     max_nonfinite_steps: int = 3
     amp_dtype: torch.dtype | None = None
+    prompt_queries: list[str] | None = None  # set: GRPO on these prompts, no Challenger
     share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.logprobs), same maths
     retain_freed_memory: bool = True  # CPU/glibc: reuse freed heap pages (retain_freed_memory)
 
@@ -149,8 +150,26 @@ class SelfPlayModule(L.LightningModule):
         return None
 
     def play(self, timer: PhaseTimer) -> SelfPlayBatch:
-        s = self.settings
         self.policy.eval()  # no dropout while sampling
+        sp = self.challenge(timer) if self.settings.prompt_queries is None else self.from_prompts()
+        if sp.check.valid.any():
+            self.solve(sp, timer)
+            self.call_hooks("on_solver_rollout_end", sp)
+            self.score(sp, timer)
+        self.assign_advantages(sp)
+        self.call_hooks("on_rewards_computed", sp)
+        return sp
+
+    def from_prompts(self) -> SelfPlayBatch:
+        """The data-driven GRPO baseline: N queries drawn from the prompt file (global torch RNG,
+        so seeded and restored on resume) instead of the Challenger's."""
+        pool, n = self.settings.prompt_queries, self.settings.num_queries
+        queries = [pool[i] for i in torch.randint(len(pool), (n,)).tolist()]
+        check = QueryCheck(queries, torch.ones(n, dtype=torch.bool), [""] * n)
+        return SelfPlayBatch(step=self.global_step + 1, challenger=None, check=check)
+
+    def challenge(self, timer: PhaseTimer) -> SelfPlayBatch:
+        s = self.settings
         with timer("challenger_generation"):
             prompts = [self.challenger_chat] * s.num_queries
             challenger = generate(self.policy, self.tokenizer, prompts, s.challenger, s.amp_dtype)
@@ -158,12 +177,6 @@ class SelfPlayModule(L.LightningModule):
         check = check_queries(challenger.completions, s.challenger_prompt, s.max_query_chars, truncated)
         sp = SelfPlayBatch(step=self.global_step + 1, challenger=challenger, check=check)
         self.call_hooks("on_challenger_rollout_end", sp)
-        if check.valid.any():
-            self.solve(sp, timer)
-            self.call_hooks("on_solver_rollout_end", sp)
-            self.score(sp, timer)
-        self.assign_advantages(sp)
-        self.call_hooks("on_rewards_computed", sp)
         return sp
 
     def solve(self, sp: SelfPlayBatch, timer: PhaseTimer) -> None:
@@ -207,7 +220,9 @@ class SelfPlayModule(L.LightningModule):
     def learn(self, sp: SelfPlayBatch, timer: PhaseTimer) -> dict[str, LossStats]:
         s = self.settings
         self.policy.train()
-        roles = {"challenger": (sp.challenger, sp.challenger_advantages, s.alpha_ch)}
+        roles = {}
+        if sp.challenger is not None:
+            roles["challenger"] = (sp.challenger, sp.challenger_advantages, s.alpha_ch)
         if sp.solver is not None:
             roles["solver"] = (sp.solver, sp.solver_advantages.flatten(), 1.0)
         with timer("reference_logprobs"):

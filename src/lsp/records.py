@@ -59,7 +59,7 @@ class SelfPlayBatch:
     """Everything one self-play step produced, handed to hooks and callbacks."""
 
     step: int  # 1-based: the optimiser step this batch makes (= checkpoint/metric step)
-    challenger: Rollout  # B = N
+    challenger: Rollout | None  # B = N; None when queries come from a prompt file (GRPO)
     check: QueryCheck
     solver: Rollout | None = None  # B = N * G
     rewards: Tensor | None = None  # (N, G) reward-model scores R

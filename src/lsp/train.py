@@ -31,7 +31,12 @@ from lsp.models import (
     resolve_model,
 )
 from lsp.module import SelfPlayModule, SelfPlaySettings
-from lsp.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_challenger_prompt
+from lsp.prompts import (
+    DEFAULT_TASK,
+    DEFAULT_TEMPLATE,
+    load_prompt_file,
+    render_challenger_prompt,
+)
 from lsp.rollout import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ def settings_from(cfg: DictConfig, device: str) -> SelfPlaySettings:
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         amp_dtype=amp_dtype(cfg.model.amp, device),
         share_prefix=cfg.model.share_prefix,
+        prompt_queries=load_prompt_file(r.prompt_file) if r.prompt_file else None,
     )
 
 
