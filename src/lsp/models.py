@@ -39,6 +39,24 @@ class ModelUnavailableError(RuntimeError):
     """A model spec that names no usable model; the message says how to fix it."""
 
 
+def resolve_device(name: str) -> str:
+    """`auto`: cuda when available, else cpu; anything else as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def amp_dtype(name: str, device: str) -> torch.dtype | None:
+    """Autocast dtype for `none` | `bfloat16` | `float16` | `auto`. `auto` is bf16 where the
+    hardware runs it natively (CUDA bf16; CPUs with oneDNN bf16, i.e. AVX512-BF16 or AMX: about
+    2.2x faster generation and training here, BENCHMARKS.md), else none (fp32)."""
+    if name != "auto":
+        return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
 def dtype_of(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -26,8 +25,10 @@ from lsp.data import SelfPlayData
 from lsp.models import (
     ModelPool,
     ModelUnavailableError,
+    amp_dtype,
     load_causal_lm,
     load_tokenizer,
+    resolve_device,
     resolve_model,
 )
 from lsp.module import SelfPlayModule, SelfPlaySettings
@@ -41,23 +42,6 @@ from lsp.rollout import SamplingConfig
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def amp_dtype(name: str, device: str) -> torch.dtype | None:
-    """bf16 autocast where the hardware runs it natively (CUDA bf16, CPU AVX512-BF16/AMX)."""
-    if name == "none":
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -165,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     check_models(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, run_id = resume_point(cfg, run_dir)

@@ -1,4 +1,4 @@
-"""Small shared helpers: device and autocast resolution, atomic file writes, name slugs."""
+"""Small shared helpers: atomic file writes, name slugs (device and autocast: lsp.models)."""
 
 from __future__ import annotations
 
@@ -9,26 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from lsp.models import amp_dtype, resolve_device  # noqa: F401  (the one device policy)
 
 _UMASK = os.umask(0o022)  # the process umask (read by setting it, then restored)
 os.umask(_UMASK)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def amp_dtype(amp: str, device: str) -> torch.dtype | None:
-    """`none` | `bfloat16` | `float16` | `auto` (bf16 on a GPU that supports it, else none).
-
-    `auto` stays fp32 on CPUs: bf16 is only fast there with AMX, which not every machine has."""
-    if amp == "auto":
-        ok = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if ok else None
-    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[amp]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
