@@ -137,3 +137,18 @@ def test_grpo_baseline_takes_queries_from_a_prompt_file(compose_cfg, workdir):
 def test_grpo_without_a_prompt_file_is_a_config_error(compose_cfg):
     with pytest.raises(ConfigError, match="rollout.prompt_file"):
         validate(compose_cfg("experiment=smoke", "algo=grpo"))
+
+
+def test_nonfinite_loss_skips_steps_then_stops_with_a_clear_error(compose_cfg, workdir):
+    # An infinite Challenger weight makes every loss/gradient non-finite: steps are skipped and
+    # counted, the weights stay as they were, and the third one in a row stops the run.
+    cfg = compose_cfg("experiment=smoke", "algo.alpha_ch=inf", "trainer.max_steps=2",
+                      "run_dir=nan_run")
+    initial = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.policy))
+    result = train(cfg)
+    assert result["global_step"] == 2 and result["metrics"]["train/nonfinite_steps"] == 2
+    after = AutoModelForCausalLM.from_pretrained(result["last_checkpoint"])
+    assert all(torch.equal(p, dict(after.named_parameters())[n])
+               for n, p in initial.named_parameters())
+    with pytest.raises(FloatingPointError, match="consecutive non-finite"):
+        train(compose_cfg("experiment=smoke", "algo.alpha_ch=inf", "trainer.max_steps=5"))
