@@ -4,6 +4,7 @@ not base preparation."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from dvc.repo import Repo
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,17 +65,31 @@ def clean_copy(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_study_end_to_end(clean_copy):
-    _run([str(BIN / "python"), "pipelines/compose_params.py", "study=smoke"], clean_copy)
+    smoke = ["study=smoke", "baselines=grpo"]  # every arm: base, LSP-Zero, LSP, GRPO, LSP-then-GRPO
+    _run([str(BIN / "python"), "pipelines/compose_params.py", *smoke], clean_copy)
     first = _run([str(BIN / "dvc"), "repro"], clean_copy)
-    assert {"prepare", "train@lsp", "train@lsp_zero", "report"} <= _ran(first)
+    arms = ("lsp", "lsp_zero", "grpo", "lsp_grpo")
+    assert {"prepare", "prompts@grpo", "report"} | {f"train@{a}" for a in arms} <= _ran(first)
     report = clean_copy / "artifacts/report/report.md"
     assert report.is_file() and (clean_copy / "artifacts/report/training_curves.png").is_file()
+    assert all(f"| {a} " in report.read_text() for a in arms)
+    prompts = (clean_copy / "artifacts/prompts/grpo.jsonl").read_text().splitlines()
+    assert len(prompts) == 64  # the example set, none of it in AlpacaEval
+    grpo_queries = {json.loads(r)["query"] for r in _lines(clean_copy / "artifacts/train/grpo/samples.jsonl")}
+    assert grpo_queries <= {json.loads(p)["instruction"] for p in prompts}
+    chosen = json.loads((clean_copy / "artifacts/select/lsp/selection.json").read_text())["chosen"]
+    started = OmegaConf.load(clean_copy / "artifacts/train/lsp_grpo/config.yaml")
+    assert started.model.policy == started.model.reference == chosen["path"]
 
     second = _run([str(BIN / "dvc"), "repro"], clean_copy)
     assert _ran(second) == set(), second
 
-    _run([str(BIN / "python"), "pipelines/compose_params.py", "study=smoke",
-          "arms.lsp.algo.beta=0.1"], clean_copy)
+    _run([str(BIN / "python"), "pipelines/compose_params.py", *smoke, "arms.lsp.algo.beta=0.1"], clean_copy)
     third = _run([str(BIN / "dvc"), "repro"], clean_copy)
-    assert "train@lsp" in _ran(third) and "report" in _ran(third)
-    assert not {"prepare", "train@lsp_zero"} & _ran(third)
+    # LSP and everything after it, the continuation from LSP's checkpoint included; nothing else
+    assert {"train@lsp", "select@lsp", "train@lsp_grpo", "score@lsp_grpo", "report"} <= _ran(third)
+    assert not {"prepare", "prompts@grpo", "train@lsp_zero", "train@grpo", "generate_base"} & _ran(third)
+
+
+def _lines(path: Path) -> list[str]:
+    return [x for x in path.read_text().splitlines() if x.strip()]

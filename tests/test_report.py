@@ -254,3 +254,11 @@ def test_pick_steps_and_fences():
     rows = [{"step": s} for s in (1, 10, 20, 30, 40)]
     assert pick_steps(rows, 3) == [1, 20, 40] and pick_steps(rows[:2], 3) == [1, 10]
     assert _fenced("a ````` b")[0] == "``````text"
+
+
+def test_grpo_arm_has_curves_but_no_challenger_queries(study, tmp_path):
+    grpo = write_run(tmp_path, "grpo", False)  # config.yaml: algo.name grpo
+    md = build_report({**study["train"], "grpo": grpo}, study["select"], study["eval"],
+                      tmp_path / "r").read_text()
+    assert "| grpo | grpo |" in md  # in the training table, beside the self-play arms
+    assert "No Challenger in grpo" in md and "### grpo" not in md and "### lsp_zero" in md

@@ -267,8 +267,41 @@ def load_prompt_file(path: str) -> list[str]:
         items = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
         items = text.splitlines()
-    prompts = [i["instruction"] if isinstance(i, dict) else str(i) for i in items]
+    prompts = [_instruction(i) for i in items]
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no instructions")
     return prompts
+
+
+def _instruction(item) -> str:
+    """A record's query; Alpaca-style records (alpaca_data.json) put the task's material in
+    `input`, which belongs to the query."""
+    if not isinstance(item, dict):
+        return str(item)
+    extra = str(item.get("input") or "").strip()
+    return f"{item['instruction']}\n\n{extra}" if extra else str(item["instruction"])
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def clean_instructions(prompts: list[str], held_out: list[str]) -> tuple[list[str], dict]:
+    """Training instructions minus duplicates and minus any held-out (evaluation) instruction,
+    compared case- and whitespace-insensitively, so the GRPO baseline never trains on AlpacaEval.
+    Returns (kept, counts) with counts {read, duplicates, held_out_overlap, kept}."""
+    held = {_normalised(t) for t in held_out}
+    seen: set[str] = set()
+    kept, dup, overlap = [], 0, 0
+    for p in prompts:
+        key = _normalised(p)
+        if key in seen:
+            dup += 1
+        elif key in held:
+            overlap += 1
+        else:
+            kept.append(p)
+        seen.add(key)
+    return kept, {"read": len(prompts), "duplicates": dup, "held_out_overlap": overlap,
+                  "kept": len(kept)}

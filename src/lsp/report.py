@@ -428,9 +428,18 @@ def queries_section(arms: list[Arm], n_steps: int, per_step: int) -> list[str]:
     trained = [a for a in arms if a.train_dir]
     if not trained:
         return out + ["No training runs given.", ""]
+    no_challenger = [a.name for a in trained if not has_challenger(a)]
+    if no_challenger:
+        out += [f"No Challenger in {', '.join(no_challenger)} (GRPO: queries from the prompt "
+                "file), so no queries shown for them.", ""]
     for arm in trained:
-        out += arm_queries(arm, n_steps, per_step)
+        if has_challenger(arm):
+            out += arm_queries(arm, n_steps, per_step)
     return out
+
+
+def has_challenger(arm: Arm) -> bool:
+    return ((arm.config or {}).get("algo") or {}).get("name") != "grpo"
 
 
 # ---- provenance and assembly -----------------------------------------------------------------

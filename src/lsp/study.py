@@ -24,14 +24,58 @@ def use_prepared_base(cfg: DictConfig, base_spec: str, keys: list[str]) -> None:
             OmegaConf.update(cfg, key, str(BASE_MODEL))
 
 
+class StudyConfigError(ValueError):
+    """An arm of params.yaml that the study cannot run, with the key to fix."""
+
+
 def train_config(params: DictConfig, arm: str) -> DictConfig:
+    """The `lsp.train` config of one arm. An arm (params.arms.<arm>) holds its `algo`, `init` (the
+    DVC path it starts from: the prepared base model, or artifacts/select/<arm> for a continuation
+    from that arm's selected checkpoint, which is then its KL reference too), `queries` (the DVC
+    path its queries come from: the Challenger's prompt code, or a prompt set for GRPO) and
+    optional per-arm overrides of any training section (e.g. `optim: {lr: 1.0e-6}`)."""
+    spec = params.arms[arm]
     cfg = OmegaConf.create({k: params[k] for k in TRAIN_KEYS})
-    cfg.algo = params.arms[arm].algo
+    for key in (k for k in TRAIN_KEYS if k in spec):  # per-arm overrides, e.g. GRPO's lr
+        cfg[key] = OmegaConf.merge(cfg[key], spec[key]) if isinstance(cfg[key], DictConfig) else spec[key]
+    cfg.algo = spec.algo
     cfg.name, cfg.run_dir, cfg.resume, cfg.sweep_id = arm, str(train_dir(arm)), False, None
     keys = ["model.policy", "model.reference", "reward.model", "algo.self_reward.model"]
     use_prepared_base(cfg, params.model.policy, keys)
+    start = init_model(params, arm)
+    if start != str(BASE_MODEL):  # a continuation: policy and reference from the selected checkpoint
+        cfg.model.policy = cfg.model.reference = start
+    if spec.algo.name == "grpo":
+        cfg.rollout.prompt_file = _prompt_file(spec, arm)
     cfg.logger.run_name = f"{params.study_name}-{arm}"
     return cfg
+
+
+def init_model(params: DictConfig, arm: str) -> str:
+    """The model an arm starts from: the prepared base, or another arm's selected checkpoint."""
+    init = str(params.arms[arm].get("init") or BASE_MODEL)
+    if Path(init) == BASE_MODEL:
+        return str(BASE_MODEL)
+    source = Path(init)
+    if source.parent != ARTIFACTS / "select" or source.name not in params.arms or source.name == arm:
+        raise StudyConfigError(f"arms.{arm}.init={init}: expected {BASE_MODEL} or "
+                               f"{ARTIFACTS / 'select'}/<another arm> (arms: {', '.join(params.arms)})")
+    from lsp.evaluation.selection import chosen_path
+
+    return chosen_path(source / "selection.json")[0]
+
+
+def _prompt_file(spec: DictConfig, arm: str) -> str:
+    queries = spec.get("queries")
+    if not queries or not str(queries).startswith(str(ARTIFACTS / "prompts")):
+        raise StudyConfigError(
+            f"arms.{arm}: algo=grpo needs `queries: {ARTIFACTS / 'prompts'}/<set>.jsonl` "
+            "(enable with baselines=grpo; its file is grpo_prompt_file)")
+    return str(queries)
+
+
+def prompts_path(name: str) -> Path:
+    return ARTIFACTS / "prompts" / f"{name}.jsonl"
 
 
 def train_dir(arm: str) -> Path:

@@ -92,8 +92,24 @@ def select_checkpoint(candidates: Sequence[Candidate], prompts: list[str], answe
         "candidates": scored,
         "chosen": choose(scored),
     }
+    # Downstream DVC stages depend on this folder, not on the checkpoints: the chosen weights'
+    # digest makes a retrained checkpoint at the same path and score still count as a change.
+    result["chosen"]["weights_sha256"] = weights_digest(result["chosen"]["path"])
     atomic_write_json(out_dir / "selection.json", result)
     return result
+
+
+def weights_digest(path: str | Path) -> str | None:
+    """SHA-256 over a model folder's weight files (None for a hub id or a built-in spec)."""
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def chosen_path(selection_file: str | Path) -> tuple[str, int]:

@@ -1,0 +1,101 @@
+"""The study's arms (lsp.study): GRPO arms train on the cleaned prompt set at the paper's lr, the
+LSP-then-GRPO continuation starts from (and is regularised towards) LSP's selected checkpoint,
+and the prompt-set stage drops duplicates and every AlpacaEval instruction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dvc.utils.hydra import compose_and_dump
+from omegaconf import OmegaConf
+
+from lsp.prompts import clean_instructions, load_prompt_file
+from lsp.study import BASE_MODEL, StudyConfigError, load_params, train_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(tmp_path: Path, *overrides: str):
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(CONF), None, "pipeline", "", list(overrides))
+    return load_params(out)
+
+
+def test_default_study_has_no_data_driven_arms(tmp_path):
+    params = compose(tmp_path)
+    assert set(params.arms) == {"lsp", "lsp_zero"} and dict(params.prompt_sets) == {}
+
+
+def test_grpo_arm_trains_on_the_prompt_set_from_the_base(tmp_path):
+    params = compose(tmp_path, "study=smoke", "baselines=grpo")
+    assert set(params.arms) == {"lsp", "lsp_zero", "grpo", "lsp_grpo"}
+    cfg = train_config(params, "grpo")
+    assert cfg.algo.name == "grpo" and cfg.algo.scale_std is True
+    assert cfg.rollout.prompt_file == "artifacts/prompts/grpo.jsonl"
+    assert cfg.optim.lr == pytest.approx(1e-6)       # the paper's GRPO lr, per arm
+    assert train_config(params, "lsp").optim.lr == pytest.approx(1e-3)  # smoke's own lr elsewhere
+    assert cfg.model.policy == cfg.model.reference == str(BASE_MODEL)
+    assert params.prompt_sets.grpo.path == "conf/prompts/grpo_example.jsonl"
+
+
+def test_continuation_starts_from_and_is_regularised_to_lsps_selection(tmp_path, monkeypatch):
+    params = compose(tmp_path, "study=smoke", "baselines=grpo")
+    monkeypatch.chdir(tmp_path)
+    chosen = "artifacts/train/lsp/checkpoints/step_000002"
+    sel = tmp_path / "artifacts/select/lsp/selection.json"
+    sel.parent.mkdir(parents=True)
+    sel.write_text(json.dumps({"chosen": {"path": chosen, "step": 2}}))
+    cfg = train_config(params, "lsp_grpo")
+    assert cfg.model.policy == cfg.model.reference == chosen
+    assert cfg.reward.model == train_config(params, "lsp").reward.model  # the same judge
+    assert cfg.rollout.prompt_file == "artifacts/prompts/grpo.jsonl"
+
+
+@pytest.mark.parametrize("init", ["artifacts/select/lsp_grpo", "artifacts/select/nope", "elsewhere/x"])
+def test_bad_init_is_a_clear_error(tmp_path, init):
+    params = compose(tmp_path, "study=smoke", "baselines=grpo", f"arms.lsp_grpo.init={init}")
+    with pytest.raises(StudyConfigError, match="arms.lsp_grpo.init"):
+        train_config(params, "lsp_grpo")
+
+
+def test_grpo_arm_without_a_prompt_set_is_a_clear_error(tmp_path):
+    params = compose(tmp_path, "study=smoke")
+    params.arms.lsp_zero.algo.name = "grpo"
+    with pytest.raises(StudyConfigError, match="baselines=grpo"):
+        train_config(params, "lsp_zero")
+
+
+def test_clean_instructions_drops_duplicates_and_held_out():
+    kept, counts = clean_instructions(
+        ["Write a poem.", "write a  POEM.", "Name three rivers.", "Explain tides.", "Explain  tides."],
+        held_out=["name three RIVERS."])
+    assert kept == ["Write a poem.", "Explain tides."]
+    assert counts == {"read": 5, "duplicates": 2, "held_out_overlap": 1, "kept": 2}
+
+
+def test_alpaca_records_keep_their_input(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([{"instruction": "Sort these.", "input": "3, 1, 2", "output": "1, 2, 3"},
+                                {"instruction": "Say hi.", "input": "", "output": "hi"}]))
+    assert load_prompt_file(str(path)) == ["Sort these.\n\n3, 1, 2", "Say hi."]
+
+
+def test_prompt_set_stage_writes_the_cleaned_set(tmp_path, monkeypatch):
+    import runpy
+
+    eval_set = tmp_path / "eval.json"
+    eval_set.write_text(json.dumps([{"instruction": "Name three rivers.", "output": "x",
+                                     "generator": "g", "dataset": "koala"}]))
+    source = tmp_path / "mine.txt"
+    source.write_text("Write a poem.\nName three rivers.\nWrite a poem.\n")
+    OmegaConf.save({"prompt_sets": {"grpo": {"path": str(source)}},
+                    "eval": {"eval_set": {"path": str(eval_set)}}}, tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["prompts.py", "grpo"])
+    runpy.run_path(str(CONF.parent / "pipelines/prompts.py"), run_name="__main__")
+    lines = Path("artifacts/prompts/grpo.jsonl").read_text().splitlines()
+    assert [json.loads(x)["instruction"] for x in lines] == ["Write a poem."]
+    stats = json.loads(Path("artifacts/prompts/grpo.json").read_text())
+    assert stats["duplicates"] == 1 and stats["held_out_overlap"] == 1 and stats["kept"] == 1
