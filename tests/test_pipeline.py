@@ -84,8 +84,11 @@ def test_smoke_study_end_to_end(clean_copy):
     second = _run([str(BIN / "dvc"), "repro"], clean_copy)
     assert _ran(second) == set(), second
 
-    _run([str(BIN / "python"), "pipelines/compose_params.py", *smoke, "arms.lsp.algo.beta=0.1"], clean_copy)
-    third = _run([str(BIN / "dvc"), "repro"], clean_copy)
+    # `dvc exp run -S` composes conf/ afresh with exactly its overrides (DVC's Hydra support)
+    sets = [a for o in [*smoke, "arms.lsp.algo.beta=0.1"] for a in ("-S", o)]
+    third = _run([str(BIN / "dvc"), "exp", "run", *sets], clean_copy)
+    diff = _run([str(BIN / "dvc"), "params", "diff", "--all"], clean_copy)
+    assert re.search(r"arms\.lsp\.algo\.beta\s+0\.05\s+0\.1", diff), diff
     # LSP and everything after it, the continuation from LSP's checkpoint included; nothing else
     assert {"train@lsp", "select@lsp", "train@lsp_grpo", "score@lsp_grpo", "report"} <= _ran(third)
     assert not {"prepare", "prompts@grpo", "train@lsp_zero", "train@grpo", "generate_base"} & _ran(third)

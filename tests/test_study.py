@@ -99,3 +99,10 @@ def test_prompt_set_stage_writes_the_cleaned_set(tmp_path, monkeypatch):
     assert [json.loads(x)["instruction"] for x in lines] == ["Write a poem."]
     stats = json.loads(Path("artifacts/prompts/grpo.json").read_text())
     assert stats["duplicates"] == 1 and stats["held_out_overlap"] == 1 and stats["kept"] == 1
+
+
+def test_one_knob_sets_every_arms_beta_and_an_arm_can_differ(tmp_path):
+    params = compose(tmp_path, "baselines=grpo", "algo.beta=0.1", "arms.lsp_zero.algo.beta=0.2")
+    assert {a: params.arms[a].algo.beta for a in params.arms} == {
+        "lsp": 0.1, "lsp_zero": 0.2, "grpo": 0.1, "lsp_grpo": 0.1}
+    assert compose(tmp_path).arms.lsp.algo.beta == 0.05  # the paper's, for every arm
