@@ -14,20 +14,28 @@ from pathlib import Path
 
 import pytest
 from dvc.repo import Repo
+from dvc.utils.hydra import compose_and_dump
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_stage_commands_and_deps_point_at_existing_files():
-    with Repo(str(REPO)) as repo:
+@pytest.mark.parametrize("overrides", [[], ["baselines=grpo"]])
+def test_stage_commands_and_deps_point_at_existing_files(tmp_path, overrides):
+    """dvc.yaml resolved against params.yaml composed as committed and with the GRPO arms."""
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "pipeline", "", overrides)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    with Repo(str(tmp_path)) as repo:
         stages = list(repo.index.stages)
-    assert {s.name.split("@")[0] for s in stages} >= {"prepare", "train", "select", "report"}
+    expected = {"prepare", "train", "select", "generate", "score", "report"}
+    assert {s.name.split("@")[0] for s in stages} >= expected | ({"prompts"} if overrides else set())
     for stage in stages:
         script = stage.cmd.split()[1]
         assert (REPO / script).is_file(), f"{stage.name}: {script} missing"
-        code = [d.def_path for d in stage.deps if d.def_path.startswith(("src/", "pipelines/"))]
+        code = [d.def_path for d in stage.deps if d.def_path.startswith(("src/", "pipelines/", "conf/"))]
         assert script in code, f"{stage.name} does not depend on its own script"
         missing = [p for p in code if not (REPO / p).exists()]
         assert not missing, f"{stage.name}: deps missing {missing}"
@@ -76,7 +84,7 @@ def test_smoke_study_end_to_end(clean_copy):
     prompts = (clean_copy / "artifacts/prompts/grpo.jsonl").read_text().splitlines()
     assert len(prompts) == 64  # the example set, none of it in AlpacaEval
     grpo_queries = {json.loads(r)["query"] for r in _lines(clean_copy / "artifacts/train/grpo/samples.jsonl")}
-    assert grpo_queries <= {json.loads(p)["instruction"] for p in prompts}
+    assert grpo_queries and grpo_queries <= {json.loads(p)["instruction"] for p in prompts}
     chosen = json.loads((clean_copy / "artifacts/select/lsp/selection.json").read_text())["chosen"]
     started = OmegaConf.load(clean_copy / "artifacts/train/lsp_grpo/config.yaml")
     assert started.model.policy == started.model.reference == chosen["path"]

@@ -106,3 +106,18 @@ def test_one_knob_sets_every_arms_beta_and_an_arm_can_differ(tmp_path):
     assert {a: params.arms[a].algo.beta for a in params.arms} == {
         "lsp": 0.1, "lsp_zero": 0.2, "grpo": 0.1, "lsp_grpo": 0.1}
     assert compose(tmp_path).arms.lsp.algo.beta == 0.05  # the paper's, for every arm
+
+
+def test_a_self_play_continuation_is_judged_by_its_new_reference(tmp_path, monkeypatch):
+    """An LSP-family continuation: R_Q is judged by pi_ref, the selected checkpoint; an explicit
+    per-arm override still wins over what the study sets."""
+    params = compose(tmp_path, "baselines=grpo", "algo@arms.lsp_grpo.algo=lsp",
+                     "+arms.lsp_grpo.model.reference_dtype=bfloat16")
+    monkeypatch.chdir(tmp_path)
+    sel = tmp_path / "artifacts/select/lsp/selection.json"
+    sel.parent.mkdir(parents=True)
+    sel.write_text(json.dumps({"chosen": {"path": "ckpt", "step": 60}}))
+    cfg = train_config(params, "lsp_grpo")
+    assert cfg.algo.name == "lsp" and cfg.algo.self_reward.model == "ckpt" == cfg.model.reference
+    assert cfg.model.reference_dtype == "bfloat16"
+    assert cfg.reward.model == str(BASE_MODEL)  # the reward judge is not the policy's start

@@ -36,24 +36,30 @@ def train_config(params: DictConfig, arm: str) -> DictConfig:
     optional per-arm overrides of any training section (e.g. `optim: {lr: 1.0e-6}`)."""
     spec = params.arms[arm]
     cfg = OmegaConf.create({k: params[k] for k in TRAIN_KEYS})
-    for key in (k for k in TRAIN_KEYS if k in spec):  # per-arm overrides, e.g. GRPO's lr
-        cfg[key] = OmegaConf.merge(cfg[key], spec[key]) if isinstance(cfg[key], DictConfig) else spec[key]
     cfg.algo = spec.algo
     cfg.name, cfg.run_dir, cfg.resume, cfg.sweep_id = arm, str(train_dir(arm)), False, None
     keys = ["model.policy", "model.reference", "reward.model", "algo.self_reward.model"]
     use_prepared_base(cfg, params.model.policy, keys)
     start = init_model(params, arm)
-    if start != str(BASE_MODEL):  # a continuation: policy and reference from the selected checkpoint
+    if start != str(BASE_MODEL):
+        # A continuation: the selected checkpoint is the policy and pi_ref (so also the self-reward
+        # judge, which the method takes to be pi_ref); the reward model stays as configured.
         cfg.model.policy = cfg.model.reference = start
+        if OmegaConf.select(cfg, "algo.self_reward.model") == str(BASE_MODEL):
+            cfg.algo.self_reward.model = start
     if spec.algo.name == "grpo":
         cfg.rollout.prompt_file = _prompt_file(spec, arm)
+    for key in (k for k in TRAIN_KEYS if k in spec):  # per-arm overrides (e.g. GRPO's lr) win
+        cfg[key] = OmegaConf.merge(cfg[key], spec[key]) if isinstance(cfg[key], DictConfig) else spec[key]
     cfg.logger.run_name = f"{params.study_name}-{arm}"
     return cfg
 
 
 def init_model(params: DictConfig, arm: str) -> str:
     """The model an arm starts from: the prepared base, or another arm's selected checkpoint."""
-    init = str(params.arms[arm].get("init") or BASE_MODEL)
+    init = params.arms[arm].get("init")
+    if not init:
+        raise StudyConfigError(f"arms.{arm}.init is missing: {BASE_MODEL} or {ARTIFACTS / 'select'}/<arm>")
     if Path(init) == BASE_MODEL:
         return str(BASE_MODEL)
     source = Path(init)
