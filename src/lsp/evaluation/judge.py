@@ -198,6 +198,8 @@ class LocalHFJudge:
         ]
         self.n_pairs += len(verdicts)
         self.seconds += time.perf_counter() - start
+        print(f"[judge] {self.n_pairs} pairs judged ({self.seconds / self.n_pairs:.1f} s per pair, "
+              "both orders)", flush=True)
         return verdicts
 
     def _load(self) -> None:

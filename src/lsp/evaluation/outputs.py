@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,11 +178,15 @@ def generate_outputs(
     if pending:
         model, tok = load_model(model_spec, settings.dtype, device, cache_dir)
         pending.sort(key=lambda r: len(r["instruction"]), reverse=True)
+        start = time.perf_counter()
         for i in range(0, len(pending), settings.batch_size):
             batch = pending[i : i + settings.batch_size]
             answers = answer(model, tok, [r["instruction"] for r in batch], settings)
             store.add(as_model_outputs(
                 [{**r, "output": a} for r, a in zip(batch, answers, strict=True)], generator
             ))
+            done, took = i + len(batch), time.perf_counter() - start
+            print(f"[generate {generator}] {done}/{len(pending)} outputs, {took:.0f} s "
+                  f"(ETA {took / done * (len(pending) - done):.0f} s)", flush=True)
         del model
     return [store.records[r["instruction"]] for r in records]

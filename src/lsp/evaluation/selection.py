@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +54,9 @@ AnswerFn = Callable[[Candidate, list[str]], list[str]]
 
 def score_candidates(candidates: Sequence[Candidate], prompts: list[str], answer: AnswerFn,
                      scorer, answers_dir: str | Path | None = None) -> list[dict]:
-    scored = []
-    for cand in candidates:
+    scored, started = [], time.perf_counter()
+    for i, cand in enumerate(candidates, 1):
+        t0 = time.perf_counter()
         answers = answer(cand, prompts)
         out = scorer.score(prompts, answers)
         values = out.values.float()  # (B,)
@@ -62,7 +64,11 @@ def score_candidates(candidates: Sequence[Candidate], prompts: list[str], answer
         scored.append({
             **asdict(cand), "score": float(values.mean()), "score_std": float(values.std()) if len(values) > 1 else 0.0,
             "n": len(values), "parse_failures": int(failed.sum()) if failed is not None else None,
+            "seconds": round(time.perf_counter() - t0, 2),
         })
+        eta = (time.perf_counter() - started) / i * (len(candidates) - i)
+        print(f"[select {i}/{len(candidates)}] step {cand.step}: mean reward {scored[-1]['score']:.4f} "
+              f"over {len(values)} prompts in {scored[-1]['seconds']:.0f} s (ETA {eta:.0f} s)", flush=True)
         if answers_dir is not None:
             atomic_write_json(Path(answers_dir) / f"step_{cand.step:06d}.json", [
                 {"instruction": q, "answer": a, "reward": float(r)}
