@@ -262,3 +262,20 @@ def test_grpo_arm_has_curves_but_no_challenger_queries(study, tmp_path):
                       tmp_path / "r").read_text()
     assert "| grpo | grpo |" in md  # in the training table, beside the self-play arms
     assert "No Challenger in grpo" in md and "### grpo" not in md and "### lsp_zero" in md
+
+
+def test_history_keeps_metrics_that_first_appear_after_step_one(tmp_path):
+    """Step 1 may have no Solver metrics (every query invalid): later ones must not be dropped."""
+    path = tmp_path / "history.csv"
+    first = {"challenger/reward_mean": 0.0, "rollout/invalid_queries": 4.0}
+    later = {**first, "solver/reward_mean": 4.5, "kl/solver": 0.01}
+    cb = MetricsHistory(str(path))
+    for step, metrics in ((1, first), (2, later), (3, later)):
+        if step == 3:
+            cb = MetricsHistory(str(path))  # a resumed run: a new instance reads the header
+        cb.on_train_batch_end(SimpleNamespace(global_step=step), SimpleNamespace(last_metrics=metrics),
+                              None, None, 0)
+    rows = load_arm("x", tmp_path, None, None).history
+    assert [r["solver/reward_mean"] for r in rows] == [None, 4.5, 4.5]
+    assert [r["rollout/invalid_queries"] for r in rows] == [4.0, 4.0, 4.0]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -248,9 +248,21 @@ class MetricsHistory(Callback):
             self.columns = self._existing_columns() or ["step", *sorted(metrics)]
             if not self.path.exists():
                 self.path.write_text(",".join(self.columns) + "\n")
+        new = sorted(set(metrics) - set(self.columns))
+        if new:  # e.g. no Solver metrics at step 1 (every query invalid): widen, keep the rows
+            self._widen(new)
         row = {"step": trainer.global_step, **metrics}
         with self.path.open("a") as f:
             f.write(",".join(_csv_value(row.get(c)) for c in self.columns) + "\n")
+
+    def _widen(self, new: list[str]) -> None:
+        """Rewrite the file atomically with `new` columns appended (empty in earlier rows)."""
+        lines = self.path.read_text().splitlines()
+        self.columns = [*self.columns, *new]
+        body = [line + "," * len(new) for line in lines[1:]]
+        tmp = self.path.with_suffix(".csv.tmp")
+        tmp.write_text("\n".join([",".join(self.columns), *body]) + "\n")
+        os.replace(tmp, self.path)
 
     def _existing_columns(self) -> list[str] | None:
         if self.path.exists() and self.path.stat().st_size:
