@@ -150,3 +150,21 @@ def test_length_reward_is_per_char():
     out = LengthReward(per_char=0.5).score(["q", "q"], ["abcd", ""])
     torch.testing.assert_close(out.values, torch.tensor([2.0, 0.0]))
     assert not out.parse_failed.any()
+
+
+def test_reserved_cache_layer_grows_when_out_of_room():
+    """The decoding loop's in-place KV layer falls back to growing like DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    from lsp.rollout import _reserved_layer_class
+
+    gen = torch.Generator().manual_seed(0)
+    k0, v0, k1, v1 = (torch.randn(1, 2, n, 4, generator=gen) for n in (3, 3, 2, 2))
+    layer = DynamicLayer()
+    layer.update(k0, v0)
+    layer.__class__ = _reserved_layer_class()
+    layer.reserve(1)  # room for one more position; two arrive
+    keys, values = layer.update(k1, v1)
+    torch.testing.assert_close(keys, torch.cat([k0, k1], dim=-2))
+    torch.testing.assert_close(values, torch.cat([v0, v1], dim=-2))
+    assert type(layer) is DynamicLayer

@@ -16,13 +16,18 @@ def test_token_logprobs_matches_log_softmax_gather(temperature):
     torch.testing.assert_close(out, expected)
 
 
-def test_token_logprobs_gradient_matches_log_softmax():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_gradient_matches_log_softmax(temperature):
+    """The fused backward (not autograd through log_softmax): chunked rows, a temperature and a
+    non-uniform upstream gradient, as the loss sends it."""
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 6, (3, 4), generator=gen)
-    (g,) = torch.autograd.grad(token_logprobs(logits, targets).sum(), logits)
-    expected = logits.log_softmax(-1).gather(-1, targets[..., None]).sum()
-    (g_expected,) = torch.autograd.grad(expected, logits)
+    logits = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 6, (5, 4), generator=gen)
+    upstream = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    out = token_logprobs(logits, targets, temperature, chunk_size=2)
+    (g,) = torch.autograd.grad((out * upstream).sum(), logits)
+    expected = (logits / temperature).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    (g_expected,) = torch.autograd.grad((expected * upstream).sum(), logits)
     torch.testing.assert_close(g, g_expected)
 
 

@@ -278,4 +278,4 @@ def test_history_keeps_metrics_that_first_appear_after_step_one(tmp_path):
     rows = load_arm("x", tmp_path, None, None).history
     assert [r["solver/reward_mean"] for r in rows] == [None, 4.5, 4.5]
     assert [r["rollout/invalid_queries"] for r in rows] == [4.0, 4.0, 4.0]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]  # no temporary left

@@ -37,7 +37,6 @@ def test_grpo_arm_trains_on_the_prompt_set_from_the_base(tmp_path):
     assert cfg.optim.lr == pytest.approx(1e-6)       # the paper's GRPO lr, per arm
     assert train_config(params, "lsp").optim.lr == pytest.approx(1e-3)  # smoke's own lr elsewhere
     assert cfg.model.policy == cfg.model.reference == str(BASE_MODEL)
-    assert params.prompt_sets.grpo.path == "conf/prompts/grpo_example.jsonl"
 
 
 def test_continuation_starts_from_and_is_regularised_to_lsps_selection(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_grpo_baseline_takes_queries_from_a_prompt_file(compose_cfg, workdir):
     assert "challenger/reward_mean" not in m and "solver/reward_mean" in m
     lines = (workdir / result["run_dir"] / "samples.jsonl").read_text().splitlines()
     queries = {json.loads(line)["query"] for line in lines}
-    assert queries <= set(prompts.read_text().splitlines())
+    assert queries and queries <= set(prompts.read_text().splitlines())
 
 
 def test_grpo_without_a_prompt_file_is_a_config_error(compose_cfg):
@@ -152,3 +152,10 @@ def test_nonfinite_loss_skips_steps_then_stops_with_a_clear_error(compose_cfg, w
                for n, p in initial.named_parameters())
     with pytest.raises(FloatingPointError, match="consecutive non-finite"):
         train(compose_cfg("experiment=smoke", "algo.alpha_ch=inf", "trainer.max_steps=5"))
+
+
+def test_a_prompt_file_with_a_self_play_algo_is_a_config_error(compose_cfg, workdir):
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("Say hello.\n")
+    with pytest.raises(ConfigError, match="algo=lsp plays the Challenger"):
+        validate(compose_cfg("experiment=smoke", "algo=lsp", f"rollout.prompt_file={prompts}"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from lsp.evaluation.runtime import atomic_write_text
 from lsp.records import SelfPlayBatch
 
 log = logging.getLogger(__name__)
@@ -200,9 +201,10 @@ class DegenerationMonitor(RolloutHooks):
         }
 
     def on_rewards_computed(self, trainer, module, batch: SelfPlayBatch) -> None:
-        lengths = ([len(q.split()) for q in batch.check.queries] if batch.challenger is None
-                   else batch.challenger.completion_lengths.tolist())
-        metrics = self.query_metrics(batch.check.queries, lengths)
+        # GRPO (no Challenger): queries are draws from a prompt file, with replacement; their
+        # diversity and length say nothing about collapse, so only the judge is watched.
+        metrics = {} if batch.challenger is None else self.query_metrics(
+            batch.check.queries, batch.challenger.completion_lengths.tolist())
         judged = batch.rewards.numel() * (2 if batch.self_rewards is not None else 1) \
             if batch.rewards is not None else 0
         metrics["degeneration/parse_failure_rate"] = batch.judge_failures / max(judged, 1)
@@ -215,15 +217,18 @@ class DegenerationMonitor(RolloutHooks):
     def warn(self, m: dict[str, float], step: int) -> None:
         t = self.thresholds
         checks = [
-            (len(self.recent) >= 2 and m["degeneration/distinct_2"] < t["min_distinct_2"],
-             f"query distinct-2 {m['degeneration/distinct_2']:.2f} < {t['min_distinct_2']}"),
-            (m["degeneration/repeat_frac"] > t["max_repeat_frac"],
-             f"{m['degeneration/repeat_frac']:.0%} of queries repeat recent ones"),
             (m["degeneration/parse_failure_rate"] > t["max_parse_failure_rate"],
              f"judge parse failures {m['degeneration/parse_failure_rate']:.0%}"),
-            (m["degeneration/query_len_ratio"] > t["max_query_len_ratio"],
-             f"query length x{m['degeneration/query_len_ratio']:.1f} since the first step"),
         ]
+        if "degeneration/distinct_2" in m:  # Challenger queries (absent for GRPO)
+            checks += [
+                (len(self.recent) >= 2 and m["degeneration/distinct_2"] < t["min_distinct_2"],
+                 f"query distinct-2 {m['degeneration/distinct_2']:.2f} < {t['min_distinct_2']}"),
+                (m["degeneration/repeat_frac"] > t["max_repeat_frac"],
+                 f"{m['degeneration/repeat_frac']:.0%} of queries repeat recent ones"),
+                (m["degeneration/query_len_ratio"] > t["max_query_len_ratio"],
+                 f"query length x{m['degeneration/query_len_ratio']:.1f} since the first step"),
+            ]
         for crossed, message in checks:
             if crossed:
                 self.alerts += 1
@@ -260,9 +265,7 @@ class MetricsHistory(Callback):
         lines = self.path.read_text().splitlines()
         self.columns = [*self.columns, *new]
         body = [line + "," * len(new) for line in lines[1:]]
-        tmp = self.path.with_suffix(".csv.tmp")
-        tmp.write_text("\n".join([",".join(self.columns), *body]) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "\n".join([",".join(self.columns), *body]) + "\n")
 
     def _existing_columns(self) -> list[str] | None:
         if self.path.exists() and self.path.stat().st_size:

@@ -64,6 +64,10 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.algo.name == "grpo" and not cfg.rollout.prompt_file:
         raise ConfigError("invalid config: algo=grpo needs rollout.prompt_file (its training prompts)")
+    if cfg.algo.name != "grpo" and cfg.rollout.prompt_file:
+        # the prompt file replaces the Challenger: only the GRPO baseline may have one
+        raise ConfigError(f"invalid config: rollout.prompt_file is set but algo={cfg.algo.name} "
+                          "plays the Challenger; use algo=grpo or unset rollout.prompt_file")
     for key in ("model.policy", "model.reference", "reward.model", "reward._target_"):
         _require(cfg, key, lambda v: bool(v), "must name a model / class")
 

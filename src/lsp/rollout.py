@@ -186,8 +186,8 @@ def _reserved_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             n, t = self.keys.shape[-2], key_states.shape[-2]
             if n + t > self.buffers[0].shape[-2]:  # out of room: grow like DynamicLayer
-                self.__class__ = DynamicLayer
-                return super().update(key_states, value_states, *args, **kwargs)
+                self.__class__ = DynamicLayer  # (zero-arg super() would no longer apply)
+                return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
             self.buffers[0][:, :, n : n + t] = key_states
             self.buffers[1][:, :, n : n + t] = value_states
             self._view(n + t)

@@ -18,7 +18,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.evaluation.outputs import GenerationSettings, load_model, sample_answers
-from lsp.evaluation.runtime import resolve_device
 from lsp.evaluation.selection import (
     Candidate,
     list_checkpoints,
@@ -26,6 +25,7 @@ from lsp.evaluation.selection import (
     select_checkpoint,
 )
 from lsp.evaluation.tracking import log_run
+from lsp.models import resolve_device
 
 
 def model_answers(settings: GenerationSettings, device: str, cache_dir: str | None):

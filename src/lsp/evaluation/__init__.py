@@ -10,7 +10,7 @@
   and per subset, with ties counted both ways.
 - `sanity`: how far a judge can be trusted (known-preference and length-independent pairs).
 - `selection`: checkpoint selection on the project's own validation prompts.
-- `tracking`: MLflow logging (SQLite store); `runtime`: device / autocast, atomic file writes.
+- `tracking`: MLflow logging (SQLite store); `runtime`: atomic file writes, name slugs (device and autocast: `lsp.models`).
 
 Submodules are imported explicitly: importing this package loads neither torch nor alpaca-eval.
 """

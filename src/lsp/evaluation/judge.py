@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lsp.evaluation.runtime import amp_dtype, resolve_device
+from lsp.models import amp_dtype, resolve_device
 
 CONFIG_DIR = Path(__file__).parent / "annotators" / "lsp_local_judge"
 JUDGE_PROMPT = CONFIG_DIR / "judge_prompt.txt"

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lsp.evaluation.runtime import amp_dtype, atomic_write_json, atomic_write_text, resolve_device
+from lsp.evaluation.runtime import atomic_write_json, atomic_write_text
+from lsp.models import amp_dtype, resolve_device
 
 RECORD_KEYS = ("instruction", "output", "generator", "dataset")
 SUBSETS = ("helpful_base", "koala", "oasst", "selfinstruct", "vicuna")

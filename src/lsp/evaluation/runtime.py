@@ -9,8 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lsp.models import amp_dtype, resolve_device  # noqa: F401  (the one device policy)
-
 _UMASK = os.umask(0o022)  # the process umask (read by setting it, then restored)
 os.umask(_UMASK)
 

@@ -96,11 +96,11 @@ def select_checkpoint(candidates: Sequence[Candidate], prompts: list[str], answe
         "validation_prompts": provenance or {"n": len(prompts)},
         **(extra or {}),
         "candidates": scored,
-        "chosen": choose(scored),
     }
     # Downstream DVC stages depend on this folder, not on the checkpoints: the chosen weights'
     # digest makes a retrained checkpoint at the same path and score still count as a change.
-    result["chosen"]["weights_sha256"] = weights_digest(result["chosen"]["path"])
+    chosen = choose(scored)
+    result["chosen"] = {**chosen, "weights_sha256": weights_digest(chosen["path"])}
     atomic_write_json(out_dir / "selection.json", result)
     return result
 
