@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from lsp.advantages import challenger_advantages, lsp_advantages, solver_advantages
+from lsp.advantages import (
+    challenger_advantages,
+    lsp_advantages,
+    selfplay_advantages,
+    solver_advantages,
+)
 
 
 def test_solver_advantages_hand_computed():
@@ -106,15 +111,57 @@ def test_lsp_zero_equals_zero_self_rewards():
             torch.testing.assert_close(a, b)
 
 
-def test_lsp_query_mask_zeroes_both_players():
-    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0], [0.0, 9.0, 9.0]])
-    mask = torch.tensor([True, True, False])
-    s_adv, c_adv, _, _ = lsp_advantages(rewards, query_mask=mask)
-    torch.testing.assert_close(
-        s_adv, torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    )
-    # valid challenger rewards [-2, -4] -> [1, -1]; the masked query gets 0
-    torch.testing.assert_close(c_adv, torch.tensor([1.0, -1.0, 0.0]))
+# A mixed batch: N = 4 queries, the 2nd and 4th invalid (never answered); G = 2 answers each
+# for the two valid ones, in order: rewards [[1, 3], [6, 8]].
+MIXED_VALID = torch.tensor([True, False, True, False])
+MIXED_REWARDS = torch.tensor([[1.0, 3.0], [6.0, 8.0]])
+
+
+def test_selfplay_advantages_penalize_mixed_batch():
+    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, invalid_query="penalize")
+    # Solver: group means 2 and 7 -> [[-1, 1], [-1, 1]]
+    torch.testing.assert_close(out.solver, torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+    # Challenger reward -V: valid [-2, -7]; invalid ones: min(-2, -7) - 1 = -8
+    # -> [-2, -8, -7, -8]; batch mean over all four = -25 / 4 = -6.25
+    # advantages: [-2 + 6.25, -8 + 6.25, -7 + 6.25, -8 + 6.25] = [4.25, -1.75, -0.75, -1.75]
+    torch.testing.assert_close(out.challenger_reward, torch.tensor([-2.0, -8.0, -7.0, -8.0]))
+    torch.testing.assert_close(out.challenger, torch.tensor([4.25, -1.75, -0.75, -1.75]))
+
+
+def test_selfplay_advantages_skip_mixed_batch():
+    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, invalid_query="skip")
+    torch.testing.assert_close(out.solver, torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+    # valid Challenger rewards [-2, -7], mean -4.5 -> [2.5, -2.5]; invalid ones: advantage 0
+    # (their recorded reward is the same min - 1 = -8, outside the baseline)
+    torch.testing.assert_close(out.challenger_reward, torch.tensor([-2.0, -8.0, -7.0, -8.0]))
+    torch.testing.assert_close(out.challenger, torch.tensor([2.5, 0.0, -2.5, 0.0]))
+
+
+def test_selfplay_advantages_with_self_reward_mixed_batch():
+    self_rewards = torch.tensor([[4.0, 6.0], [0.0, 2.0]])
+    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, self_rewards, 0.5, invalid_query="penalize")
+    # Solver reward R + 0.5 R_Q = [[3, 6], [6, 9]]; group means 4.5, 7.5 -> [[-1.5, 1.5], [-1.5, 1.5]]
+    torch.testing.assert_close(out.solver, torch.tensor([[-1.5, 1.5], [-1.5, 1.5]]))
+    # Challenger -V + 0.5 V_Q: [-2 + 2.5, -7 + 0.5] = [0.5, -6.5]; invalid: -6.5 - 1 = -7.5
+    # -> [0.5, -7.5, -6.5, -7.5], mean -21 / 4 = -5.25 -> [5.75, -2.25, -1.25, -2.25]
+    torch.testing.assert_close(out.challenger, torch.tensor([5.75, -2.25, -1.25, -2.25]))
+
+
+def test_selfplay_advantages_all_valid_equals_lsp_advantages():
+    rewards = torch.randn(3, 4)
+    for rule in ("penalize", "skip"):
+        out = selfplay_advantages(rewards, torch.ones(3, dtype=torch.bool), invalid_query=rule)
+        for a, b in zip(out, lsp_advantages(rewards), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_selfplay_advantages_no_valid_query():
+    for rule in ("penalize", "skip"):
+        out = selfplay_advantages(None, torch.zeros(3, dtype=torch.bool), invalid_query=rule)
+        assert out.solver is None and out.solver_reward is None
+        torch.testing.assert_close(out.challenger, torch.zeros(3))
+    with pytest.raises(ValueError, match="drop"):
+        selfplay_advantages(None, torch.zeros(3, dtype=torch.bool), invalid_query="drop")
 
 
 def _naive_lsp(rewards, self_rewards):

@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from lsp import losses
+from lsp.chat import render_chat
 from lsp.logprobs import completion_logprobs
 from lsp.models import byte_level_tokenizer, load_causal_lm, load_tokenizer, resolve_model
 from lsp.records import Rollout
@@ -33,7 +34,6 @@ from lsp.rollout import (
     decode,
     generate,
     next_token,
-    render_chat,
 )
 
 

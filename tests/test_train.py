@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
+from lsp.callbacks import RolloutHooks
 from lsp.config import ConfigError, check_models, validate
 from lsp.models import resolve_model
 from lsp.train import train
@@ -103,6 +105,46 @@ def test_invalid_queries_are_penalized_not_crashing(compose_cfg, workdir):
     assert result["global_step"] == 1
 
 
+class FirstQueryInvalid(RolloutHooks):
+    """A rollout hook (configured like any callback) that marks query 0 of every step invalid,
+    as check_queries would, and keeps the finished batches."""
+
+    batches: list = []
+
+    def on_challenger_rollout_end(self, trainer, module, batch) -> None:
+        batch.check.valid[0] = False
+        batch.check.reasons[0] = "echo"
+
+    def on_rewards_computed(self, trainer, module, batch) -> None:
+        FirstQueryInvalid.batches.append(batch)
+
+
+@pytest.mark.parametrize("rule", ["penalize", "skip"])
+def test_a_mixed_batch_of_valid_and_invalid_queries(compose_cfg, workdir, rule):
+    # N = 3 queries, the first invalid: the Solver answers the other two only, and the
+    # Challenger's advantages follow the rule (lsp.advantages.selfplay_advantages).
+    cfg = compose_cfg("experiment=smoke", "trainer.max_steps=1", "rollout.num_queries=3",
+                      f"algo.invalid_query={rule}")
+    with open_dict(cfg):
+        cfg.callbacks["mixed"] = {"_target_": f"{__name__}.FirstQueryInvalid"}
+    FirstQueryInvalid.batches.clear()
+    result = train(cfg)
+    (sp,) = FirstQueryInvalid.batches
+    g = cfg.rollout.group_size
+    assert result["metrics"]["rollout/invalid_queries"] == 1
+    assert sp.solver.sequences.shape[0] == 2 * g and sp.rewards.shape == (2, g)
+    r_valid = -sp.rewards.mean(1) + sp.self_rewards.mean(1)  # LSP: -V + V_Q, the valid two
+    worst = r_valid.min() - 1.0
+    torch.testing.assert_close(sp.challenger_reward, torch.cat([worst[None], r_valid]))
+    if rule == "penalize":  # all three in the batch baseline
+        mean = (worst + r_valid.sum()) / 3
+        expected = torch.cat([(worst - mean)[None], r_valid - mean])
+        assert expected[0] < 0  # the invalid query is pushed down
+    else:  # the invalid one is out of the baseline, with advantage 0
+        expected = torch.cat([torch.zeros(1), r_valid - r_valid.mean()])
+    torch.testing.assert_close(sp.challenger_advantages, expected)
+
+
 @pytest.mark.slow
 def test_one_step_on_embedded_smollm2(compose_cfg, workdir):
     # The real embedded model, reduced sizes so CI stays fast: N=2 queries x G=2 answers.
@@ -110,12 +152,18 @@ def test_one_step_on_embedded_smollm2(compose_cfg, workdir):
                       "rollout.num_queries=2", "rollout.group_size=2",
                       "rollout.challenger.max_new_tokens=48", "rollout.solver.max_new_tokens=32",
                       "rollout.reject_truncated=false")
+    initial = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.policy))
     result = train(cfg)
     m = result["metrics"]
     assert result["global_step"] == 1
+    assert m["train/nonfinite_steps"] == 0  # the step was taken, not skipped
+    assert math.isfinite(m["loss/total"]) and m["train/grad_norm"] > 0
     assert 0.0 <= m["solver/reward_mean"] <= 9.0  # LLM-judge expected score on 0-9
     assert 0.0 <= m["self_reward/mean"] <= 7.0  # quality rubric expected score on 0-7
-    assert AutoModelForCausalLM.from_pretrained(result["last_checkpoint"]) is not None
+    trained = AutoModelForCausalLM.from_pretrained(result["last_checkpoint"])
+    after = dict(trained.named_parameters())
+    changed = [n for n, p in initial.named_parameters() if not torch.equal(p, after[n])]
+    assert len(changed) > len(after) // 2, f"only {len(changed)} of {len(after)} tensors moved"
     print({k: round(v, 3) for k, v in m.items() if k.startswith(("perf/", "solver/", "kl/"))})
 
 

@@ -13,12 +13,27 @@ Departures from the paper, each off by default:
 - ``scale_std``: divide by the group (Solver) / batch (Challenger) std as GRPO does. We use the
   population std (``correction=0``), not GRPO's unbiased one, so that groups of one answer
   (G = 1) or a batch of one valid query give 0 / eps = 0 instead of NaN.
-- ``query_mask``: queries flagged invalid (e.g. degenerate Challenger output) are left out of
-  the Challenger's batch mean/std and get advantage 0 for both players, so that they neither
-  train the policy nor shift the baseline of the valid queries.
+- ``invalid_query`` (``selfplay_advantages``): what a degenerate Challenger output
+  (``lsp.prompts.check_queries``: empty, too long, truncated, an echo of the prompt) is worth. The
+  Solver never answers it, so it has no reward-model value; the paper does not say. Rules:
+  "penalize" (default): its Challenger reward is the lowest valid Challenger reward of the batch
+    minus 1 (worse than any real query), and it takes part in the batch baseline, so the
+    Challenger is pushed away from degenerate outputs.
+  "skip": it is left out of the Challenger's batch mean/std and gets advantage 0, so it neither
+    trains the policy nor shifts the baseline of the valid queries (its recorded reward is the
+    same min - 1, for the metrics only).
+  If no query of the batch is valid there is nothing to compare with: every advantage is 0 and
+  only the KL term trains that step.
+
+Expected gradients (tests/test_kl_gradient.py, exact by enumeration): the mean baseline includes
+the sample itself, so E[(R_j - mean_k R_k) grad log p(y_j)] = (1 - 1/G) grad E[R]: the direction
+of grad E[R] exactly, scaled by (G - 1)/G (Solver) or (N - 1)/N (Challenger), a constant
+learning-rate factor.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,14 +65,23 @@ def challenger_advantages(
     return adv
 
 
+INVALID_QUERY_RULES = ("penalize", "skip")
+
+
+class Advantages(NamedTuple):
+    solver: Tensor | None  # (Nv, G) for the Nv valid queries; None when none was valid
+    challenger: Tensor  # (N,) every query of the step, valid or not
+    solver_reward: Tensor | None  # (Nv, G) R (+ w R_Q)
+    challenger_reward: Tensor  # (N,) -V (+ w V_Q); invalid queries: see invalid_query
+
+
 def lsp_advantages(
     rewards: Tensor,
     self_rewards: Tensor | None = None,
     self_reward_weight: float = 1.0,
     scale_std: bool = False,
-    query_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both players' advantages from the reward-model scores (and R_Q for LSP).
+    """Both players' advantages from the reward-model scores (and R_Q for LSP), all queries valid.
 
     rewards (N, G) from the reward model; self_rewards (N, G) R_Q, or None for LSP-Zero.
     Returns (solver_adv (N, G), challenger_adv (N,), solver_reward (N, G),
@@ -69,12 +93,37 @@ def lsp_advantages(
         solver_reward = rewards + self_reward_weight * self_rewards
         challenger_reward = challenger_reward + self_reward_weight * self_rewards.mean(dim=1)
     solver_adv = solver_advantages(solver_reward, scale_std=scale_std)
-    if query_mask is not None:
-        solver_adv = torch.where(query_mask.bool()[:, None], solver_adv, 0.0)
-    challenger_adv = challenger_advantages(
-        challenger_reward, scale_std=scale_std, query_mask=query_mask
-    )
+    challenger_adv = challenger_advantages(challenger_reward, scale_std=scale_std)
     return solver_adv, challenger_adv, solver_reward, challenger_reward
+
+
+def selfplay_advantages(
+    rewards: Tensor | None,
+    valid: Tensor,
+    self_rewards: Tensor | None = None,
+    self_reward_weight: float = 1.0,
+    scale_std: bool = False,
+    invalid_query: str = "penalize",
+) -> Advantages:
+    """One step's advantages when some Challenger outputs were invalid (module doc).
+
+    rewards (Nv, G): reward-model scores of the answers to the Nv valid queries, in order, or
+    None when Nv = 0; valid (N,) bool over all N queries; self_rewards (Nv, G) or None.
+    """
+    if invalid_query not in INVALID_QUERY_RULES:
+        raise ValueError(f"unknown invalid_query {invalid_query!r}; expected {INVALID_QUERY_RULES}")
+    valid = valid.bool()
+    if rewards is None:  # no valid query: nothing to compare with, every advantage 0
+        zeros = torch.zeros(valid.shape[0])
+        return Advantages(None, zeros, None, zeros.clone())
+    a_sol, _, r_sol, r_ch_valid = lsp_advantages(rewards, self_rewards, self_reward_weight,
+                                                 scale_std)
+    r_ch = torch.empty(valid.shape[0], dtype=r_ch_valid.dtype)  # (N,)
+    r_ch[valid] = r_ch_valid
+    r_ch[~valid] = r_ch_valid.min() - 1.0  # as bad as the worst real query, minus a margin
+    mask = valid if invalid_query == "skip" else None
+    a_ch = challenger_advantages(r_ch, scale_std=scale_std, query_mask=mask)
+    return Advantages(a_sol, a_ch, r_sol, r_ch)
 
 
 def _valid(x: Tensor, query_mask: Tensor | None) -> Tensor:

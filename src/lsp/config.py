@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from lsp.advantages import INVALID_QUERY_RULES
 from lsp.losses import AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
 
 
@@ -20,7 +21,11 @@ def _get(cfg: DictConfig, key: str):
 
 def _require(cfg: DictConfig, key: str, ok, why: str) -> None:
     value = _get(cfg, key)
-    if not ok(value):
+    try:
+        good = ok(value)
+    except (TypeError, ValueError):  # e.g. int("abc"): the wrong type is bad input, not a crash
+        good = False
+    if not good:
         raise ConfigError(f"invalid config: {key}={value!r}: {why}")
 
 
@@ -28,20 +33,37 @@ def _one_of(options):
     return lambda v: v in options, f"expected one of {list(options)}"
 
 
+def _sampling_rules(role: str) -> list:
+    key = f"rollout.{role}"
+    return [
+        (f"{key}.temperature", lambda v: float(v) > 0, "must be > 0"),
+        (f"{key}.top_p", lambda v: 0 < float(v) <= 1, "must be in (0, 1]"),
+        (f"{key}.top_k", lambda v: int(v) >= 0, "must be >= 0 (0 disables top-k)"),
+        # Training and reference log-probs (so the gradient and the KL) are taken under
+        # logits / temperature; a truncating sampler would make them those of another
+        # distribution (off-policy), and pi_ref may give a sampled token probability 0 there
+        # (an infinite KL). So the trained roles sample untruncated, at any temperature.
+        (f"{key}.top_p", lambda v: float(v) == 1.0, ON_POLICY),
+        (f"{key}.top_k", lambda v: int(v) == 0, ON_POLICY),
+    ]
+
+
+ON_POLICY = ("the trained roles must sample from the distribution their log-probs are taken "
+             "under (logits / temperature): use top_p=1.0 and top_k=0 (temperature may vary)")
+
 RULES = [
     ("rollout.num_queries", lambda v: int(v) >= 1, "need at least one query per step"),
     ("rollout.group_size", lambda v: int(v) >= 2,
      "the Solver's group-mean baseline needs at least 2 answers per query"),
     ("rollout.challenger.max_new_tokens", lambda v: int(v) >= 1, "must be >= 1"),
     ("rollout.solver.max_new_tokens", lambda v: int(v) >= 1, "must be >= 1"),
-    ("rollout.challenger.temperature", lambda v: float(v) > 0, "must be > 0"),
-    ("rollout.solver.temperature", lambda v: float(v) > 0, "must be > 0"),
+    *[rule for role in ("challenger", "solver") for rule in _sampling_rules(role)],
     ("algo.beta", lambda v: float(v) >= 0, "the KL weight must be >= 0"),
     ("algo.alpha_ch", lambda v: float(v) >= 0, "the Challenger loss weight must be >= 0"),
     ("algo.kl_estimator", *_one_of(KL_ESTIMATORS)),
     ("algo.kl_placement", *_one_of(KL_PLACEMENTS)),
     ("algo.aggregation", *_one_of(AGGREGATIONS)),
-    ("algo.invalid_query", *_one_of(("penalize", "skip"))),
+    ("algo.invalid_query", *_one_of(INVALID_QUERY_RULES)),
     ("algo.self_reward.mode", *_one_of(("generate", "logits"))),
     ("model.amp", *_one_of(("auto", "bfloat16", "none"))),
     ("model.attn_implementation", *_one_of(("auto", "grouped", "sdpa", "eager"))),
@@ -49,6 +71,8 @@ RULES = [
     ("rollout.solver.engine", *_one_of(("lsp", "hf"))),
     ("model.dtype", *_one_of(("float32", "bfloat16"))),
     ("model.reference_dtype", *_one_of(("float32", "bfloat16", "float16"))),
+    ("model.chat_date", lambda v: isinstance(v, str) and bool(v.strip()),
+     "the date chat templates see: a non-empty string such as '26 Jul 2024'"),
     ("trainer.max_steps", lambda v: int(v) >= 1, "must be >= 1"),
     ("trainer.micro_batch_size", lambda v: int(v) >= 1, "must be >= 1"),
 ]

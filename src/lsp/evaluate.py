@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lsp.chat import set_chat_date
 from lsp.evaluation.outputs import (
     GenerationSettings,
     generate_outputs,
@@ -77,6 +78,7 @@ def _sanity(cfg: DictConfig, judge, eval_set: list[dict], annotations) -> dict:
 
 def eval_records(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     """(the whole eval set, the instructions evaluated: all, or k per subset)."""
+    set_chat_date(cfg.model.chat_date)  # every generation and judge prompt below renders with it
     eval_set = load_eval_set(cfg.eval.eval_set.path, HUB_V2)
     return eval_set, stratified_subset(eval_set, cfg.eval.subset.k_per_subset, cfg.eval.subset.seed)
 

@@ -5,32 +5,40 @@ on-policy REINFORCE with a baseline; no PPO clipping, one gradient step per iter
     L_sol = -1/(N G) sum_ij [ pi(a|q)/sg(pi(a|q)) A_sol(i,j) - beta log(pi(a|q)/pi_ref(a|q)) ]
     L_ch  = -1/N     sum_i  [ pi(q|cp)/sg(pi(q|cp)) A_ch(i) - beta log(pi(q|cp)/pi_ref(q|cp)) ]
     L     = L_sol + alpha_ch L_ch
-Sequence log-probs are sums of token log-probs, so with the default options below
-``policy_loss`` is exactly L_sol (or L_ch) for a flattened batch of B = N*G (or N) sequences.
+Sequence log-probs are sums of token log-probs, so with kl_placement="loss" ``policy_loss`` is
+exactly L_sol (or L_ch) for a flattened batch of B = N*G (or N) sequences; with the default
+"reward" its policy-gradient part is the same and its KL part is a surrogate whose gradient
+actually regularises (below; its value is not the KL: read the KL from the returned stats).
 
 Left open by the paper: the weight alpha_ch, how tokens are aggregated (the sequence form
 above implies a per-sequence SUM over tokens), and any KL estimator other than the sampled
 log-ratio.
 
-Named options (defaults are the paper's):
-- ``kl_estimator`` (per-token sample estimate of KL(pi || pi_ref), x = ref_logp - logp):
-  "k1" = -x, the paper's log-ratio; "k2" = x^2 / 2; "k3" = exp(x) - x - 1 (Schulman's
-  non-negative, low-variance estimator, used by GRPO/TRL).
+Named options. Defaults follow the paper's INTENT; the KL term's default departs from its
+formula as written, because that formula does not do what the paper says it does:
 - ``kl_placement``:
-  "loss" (paper): the estimator is differentiated inside the loss. NOTE: for k1 its gradient
-  is beta * grad log pi(sampled sequence), whose expectation under pi is 0 (E[grad log pi] = 0):
-  the paper's KL term as written does not pull pi towards pi_ref in expectation, it only adds
-  noise. (k3 in the loss has expected per-token gradient grad KL(pi_ref || pi), the other
-  direction, and ignores the prefix's dependence on theta.)
-  "reward": the detached k1 log-ratio is a per-token reward penalty. Token t's advantage
-  becomes A - beta * sum_{s >= t} k1_s (reward-to-go; earlier tokens' terms have zero
-  expected contribution, so dropping them lowers variance without bias). This is the exact,
-  unbiased REINFORCE gradient of beta * KL(pi || pi_ref) over sequences, as in PPO-RLHF. Only
-  "k1" is allowed here: k2/k3 as rewards would miss their own non-vanishing gradient terms.
-- ``aggregation`` (see ``aggregate``): "seq_sum" (paper), "token_mean" (DAPO),
-  "seq_mean" (GRPO). With "seq_sum" the ratio is one per SEQUENCE as in the paper, so the loss
-  VALUE (not only its gradient) equals L_sol / L_ch; summing per-token ratios would count each
-  advantage once per token.
+  "reward" (DEFAULT): the detached k1 log-ratio is a per-token reward penalty. Token t's
+  advantage becomes A - beta * sum_{s >= t} k1_s (reward-to-go; earlier tokens' terms have zero
+  expected contribution, so dropping them lowers variance without bias). Its expected gradient
+  is exactly beta * grad KL(pi || pi_ref) over whole sequences, as in PPO-RLHF:
+  grad KL = E_y[grad log pi(y) * log(pi(y)/pi_ref(y))] (the extra E[grad log pi] term is 0).
+  tests/test_kl_gradient.py checks this by enumerating every sequence of a tiny policy.
+  "loss": the paper's formula as written: zero expected gradient. The estimator is
+  differentiated inside the loss; for k1 its gradient is beta * grad log pi(sampled sequence),
+  whose expectation under pi is 0 (E[grad log pi] = 0), so on average it does not pull pi
+  towards pi_ref at all and only adds noise. (k3 in the loss has expected per-token gradient
+  grad KL(pi_ref || pi), the other direction, and k2 neither; both ignore how the prefix
+  depends on theta, so neither is the sequence-KL gradient either.)
+- ``kl_estimator`` (per-token sample estimate of KL(pi || pi_ref), x = ref_logp - logp):
+  "k1" = -x, the paper's log-ratio (default); "k2" = x^2 / 2; "k3" = exp(x) - x - 1
+  (Schulman's non-negative, low-variance estimator, used by GRPO/TRL in the loss). With
+  placement "reward" only "k1" is allowed: k2/k3 as rewards would miss their own
+  non-vanishing gradient terms.
+- ``aggregation`` (see ``aggregate``): "seq_sum" (paper, default), "token_mean" (DAPO),
+  "seq_mean" (GRPO). Only "seq_sum" keeps the exact expected gradients above: the other two
+  weight each sequence by a function of its length, i.e. of the sample. With "seq_sum" the
+  ratio is one per SEQUENCE as in the paper, so the policy-gradient VALUE (not only its
+  gradient) is the paper's; summing per-token ratios would count each advantage once per token.
 - ``alpha_ch`` (``total_loss``): not given by the paper; default 1.0, the unweighted sum.
 """
 
@@ -94,7 +102,7 @@ def policy_loss(
     mask: Tensor,
     beta: float,
     kl_estimator: str = "k1",
-    kl_placement: str = "loss",
+    kl_placement: str = "reward",
     aggregation: str = "seq_sum",
     num_sequences: int | None = None,
     num_tokens: int | float | None = None,

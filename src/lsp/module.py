@@ -7,10 +7,11 @@ and losses live in `lsp.advantages` / `lsp.losses`.
 
 Departures from / choices beyond the paper (each a named option in conf/):
 - `algo.invalid_query`: degenerate Challenger outputs (`lsp.prompts.check_queries`) are not sent
-  to the Solver. `penalize` (default) gives them the lowest valid Challenger reward of the batch
-  minus 1; `skip` excludes them from the Challenger's baseline and gives them advantage 0. Their
-  KL term is kept in both cases. If no query is valid, only the Challenger learns that step.
-- Training log-probs use temperature 1 (the policy itself), whatever the sampling temperature.
+  to the Solver; what they are worth to the Challenger (`penalize` | `skip`) is the pure function
+  `lsp.advantages.selfplay_advantages`. Their KL term is kept in both cases.
+- Training and reference log-probs are taken under the sampling temperature of their role
+  (logits / T), so the gradient and the KL are those of the distribution that was sampled;
+  top-k / top-p sampling, under which they would differ, is refused by `lsp.config`.
 - A non-finite loss skips the optimiser step (counted as `train/nonfinite_steps`); after
   `trainer.max_nonfinite_steps` consecutive ones the run stops with an error.
 - `trainer.micro_batch_size` splits the forward/backward; every micro-batch is normalised by the
@@ -38,10 +39,11 @@ from torch import Tensor
 
 from lsp import advantages as adv
 from lsp import losses
+from lsp.chat import render_chat
 from lsp.logprobs import completion_logprobs, masked_sum
 from lsp.prompts import check_queries
 from lsp.records import QueryCheck, Rollout, SelfPlayBatch
-from lsp.rollout import SamplingConfig, autocast, generate, render_chat
+from lsp.rollout import SamplingConfig, autocast, generate
 
 log = logging.getLogger(__name__)
 HOOKS = ("on_challenger_rollout_end", "on_solver_rollout_end", "on_rewards_computed")
@@ -58,7 +60,7 @@ class SelfPlaySettings:
     reject_truncated: bool = True
     beta: float = 0.05
     kl_estimator: str = "k1"
-    kl_placement: str = "loss"
+    kl_placement: str = "reward"  # exact KL gradient (lsp.losses); "loss" = as written
     aggregation: str = "seq_sum"
     alpha_ch: float = 1.0
     scale_std: bool = False
@@ -202,31 +204,25 @@ class SelfPlayModule(L.LightningModule):
             sp.self_reward_raw = q_out.raw
 
     def assign_advantages(self, sp: SelfPlayBatch) -> None:
-        s, valid = self.settings, sp.check.valid
-        ch_reward = torch.zeros(s.num_queries)  # (N,)
-        if sp.rewards is not None:
-            a_sol, _, r_sol, r_ch_valid = adv.lsp_advantages(
-                sp.rewards, sp.self_rewards, s.self_reward_weight, s.scale_std
-            )
-            sp.solver_advantages, sp.solver_reward = a_sol, r_sol
-            ch_reward[valid] = r_ch_valid
-            # Degenerate queries: as bad as the worst real query, minus a margin (penalize).
-            ch_reward[~valid] = r_ch_valid.min() - 1.0
-        mask = valid if s.invalid_query == "skip" or sp.rewards is None else None
-        sp.challenger_reward = ch_reward
-        sp.challenger_advantages = adv.challenger_advantages(ch_reward, s.scale_std, query_mask=mask)
+        s = self.settings
+        out = adv.selfplay_advantages(sp.rewards, sp.check.valid, sp.self_rewards,
+                                      s.self_reward_weight, s.scale_std, s.invalid_query)
+        sp.solver_advantages, sp.challenger_advantages = out.solver, out.challenger
+        sp.solver_reward, sp.challenger_reward = out.solver_reward, out.challenger_reward
 
     # ---- learning ---------------------------------------------------------------------------
     def learn(self, sp: SelfPlayBatch, timer: PhaseTimer) -> dict[str, LossStats]:
         s = self.settings
         self.policy.train()
-        roles = {}
+        roles = {}  # role -> (rollout, advantages, loss weight, sampling temperature)
         if sp.challenger is not None:
-            roles["challenger"] = (sp.challenger, sp.challenger_advantages, s.alpha_ch)
+            roles["challenger"] = (sp.challenger, sp.challenger_advantages, s.alpha_ch,
+                                   s.challenger.temperature)
         if sp.solver is not None:
-            roles["solver"] = (sp.solver, sp.solver_advantages.flatten(), 1.0)
+            roles["solver"] = (sp.solver, sp.solver_advantages.flatten(), 1.0,
+                               s.solver.temperature)
         with timer("reference_logprobs"):
-            refs = {role: self.reference_logprobs(r[0]) for role, r in roles.items()}
+            refs = {role: self.reference_logprobs(r[0], r[3]) for role, r in roles.items()}
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         with timer("forward_backward"):
@@ -241,17 +237,22 @@ class SelfPlayModule(L.LightningModule):
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout) -> Tensor:
+    def reference_logprobs(self, rollout: Rollout, temperature: float) -> Tensor:
+        # pi_ref at the same temperature as pi: the KL is between the two tempered distributions.
         ref = self.frozen["reference"]
         with autocast(self.device, self.settings.amp_dtype):
             parts = [
                 completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
-                                    rollout.prompt_len, share_prefix=self.settings.share_prefix)
+                                    rollout.prompt_len, temperature,
+                                    share_prefix=self.settings.share_prefix)
                 for mb in self.micro_batches(rollout.sequences.shape[0])
             ]
         return torch.cat(parts).float()  # (B, C)
 
-    def backward_role(self, rollout: Rollout, advantages: Tensor, weight: float, ref: Tensor):
+    def backward_role(self, rollout: Rollout, advantages: Tensor, weight: float,
+                      temperature: float, ref: Tensor):
+        # Log-probs under the distribution that sampled the tokens (logits / temperature), so the
+        # gradient is on-policy; top-k / top-p are refused at the config boundary (lsp.config).
         s = self.settings
         mask = rollout.completion_mask.float()  # (B, C)
         n_seq, n_tok = mask.shape[0], mask.sum().item()
@@ -260,7 +261,7 @@ class SelfPlayModule(L.LightningModule):
             with autocast(self.device, s.amp_dtype):
                 logp = completion_logprobs(
                     self.policy, rollout.sequences[mb], rollout.attention_mask[mb],
-                    rollout.prompt_len, share_prefix=s.share_prefix,
+                    rollout.prompt_len, temperature, share_prefix=s.share_prefix,
                 ).float()
             loss, _ = losses.policy_loss(
                 logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,

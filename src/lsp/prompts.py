@@ -1,7 +1,7 @@
 """Prompt templates of the game and of the judges, their rendering, and parsing of judge output.
 
 Everything here is plain text in, plain text out: applying a model's chat template is the caller's
-job (`lsp.rollout.render_chat`).
+job (`lsp.chat.render_chat`).
 
 Challenger prompt (`CHALLENGER_PROMPT`): our own wording of the paper's four parts (background
 with two examples, request, details with a template between markers, rules). Choices where the

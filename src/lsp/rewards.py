@@ -55,6 +55,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lsp.chat import render_chat, render_exchange
 from lsp.models import ModelPool, dtype_of
 from lsp.prompts import (
     QUALITY_MAX_SCORE,
@@ -64,7 +65,7 @@ from lsp.prompts import (
     render_reward_judge_prompt,
 )
 from lsp.records import RewardOutput
-from lsp.rollout import SamplingConfig, autocast, generate, render_chat
+from lsp.rollout import SamplingConfig, autocast, generate
 
 CUT_MARK = " [...]"
 CUT_MARGIN = 4  # tokens: re-tokenising cut text can shift a boundary by a few tokens
@@ -208,9 +209,7 @@ class SequenceClassifierReward:
         self.batch_size, self.max_length, self.amp = batch_size, max_length, _amp(amp)
 
     def _render(self, instruction: str, response: str) -> str:
-        conv = [{"role": "user", "content": instruction},
-                {"role": "assistant", "content": response}]
-        return self.tokenizer.apply_chat_template(conv, tokenize=False)
+        return render_exchange(self.tokenizer, instruction, response)
 
     def _forward(self, texts: list[str]) -> Tensor:  # (b,)
         ids, mask = encode_padded(self.tokenizer, texts, self.max_length, self.pad_id, left=False)

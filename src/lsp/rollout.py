@@ -13,8 +13,8 @@ top-k, then top-p, as transformers applies them):
   inverse-CDF sampling (one uniform per row; `torch.multinomial` draws one exponential per
   vocabulary entry, ~10 ms per step for 16 x 49k on this CPU). Needs a transformers (>= 5)
   causal LM (`cache` and `logits_to_keep` arguments); other models fall back to `hf`.
-- `hf`: `model.generate`, which also applies the model's generation_config (e.g. a repetition
-  penalty) beyond the three settings above.
+- `hf`: `model.generate`, with the model's own generation_config (a repetition penalty, min_p, ...
+  shipped with the model) set aside for the call, so that it samples the same distribution.
 """
 
 from __future__ import annotations
@@ -39,14 +39,6 @@ class SamplingConfig:
     top_k: int = 0  # 0 disables top-k
     batch_size: int = 64  # rows per generate call (memory bound on large models)
     engine: str = "lsp"  # lsp: our KV-cache loop (module doc) | hf: transformers generate
-
-
-def render_chat(tokenizer, user_message: str, system: str | None = None) -> str:
-    """The prompt string for one user turn, ending with the assistant's generation prompt."""
-    messages = [{"role": "user", "content": user_message}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def autocast(device: str | torch.device, dtype: torch.dtype | None):
@@ -109,9 +101,26 @@ def _hf_generate(model, enc, cfg: SamplingConfig, eos, pad_id, greedy) -> Tensor
     sampling = {} if greedy else {
         "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
     }
-    out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                         pad_token_id=pad_id, do_sample=not greedy, **sampling)
+    with _plain_generation_config(model):
+        out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                             pad_token_id=pad_id, do_sample=not greedy, **sampling)
     return out[:, enc["input_ids"].shape[1] :]  # (B, C)
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model):
+    """`generate` fills every setting the call leaves unset from `model.generation_config` (a
+    repetition penalty, min_p, no_repeat_ngram_size, ... shipped with the model), which would
+    sample from another distribution than the one the training log-probs describe. Swap in
+    transformers' plain defaults for the call, so only the three settings above apply."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def _has_cache_interface(model) -> bool:
@@ -201,10 +210,9 @@ def _reserved_layer_class():
     return Reserved
 
 
-def next_token(logits: Tensor, cfg: SamplingConfig, greedy: bool = False) -> Tensor:
-    """(A, V) logits -> (A,) token ids: argmax, or a sample after temperature, top-k, top-p."""
-    if greedy:
-        return logits.argmax(-1)
+def sampling_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """(A, V) logits -> (A, V) the distribution a token is drawn from: temperature, then top-k,
+    then top-p (unnormalised after top-p: the sampler scales by the total)."""
     logits = logits.float() / cfg.temperature
     if 0 < cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # (A, 1)
@@ -212,6 +220,14 @@ def next_token(logits: Tensor, cfg: SamplingConfig, greedy: bool = False) -> Ten
     probs = torch.softmax(logits, dim=-1)  # (A, V)
     if cfg.top_p < 1.0:
         probs = top_p_filter(probs, cfg.top_p)
+    return probs
+
+
+def next_token(logits: Tensor, cfg: SamplingConfig, greedy: bool = False) -> Tensor:
+    """(A, V) logits -> (A,) token ids: argmax, or a sample from `sampling_probs`."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = sampling_probs(logits, cfg)
     # Inverse-CDF sampling: the first token whose cumulative probability exceeds u * total.
     cdf = probs.cumsum(-1)  # (A, V)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]

@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lsp.chat import set_chat_date
 from lsp.evaluation.outputs import GenerationSettings, load_model, sample_answers
 from lsp.evaluation.selection import (
     Candidate,
@@ -57,6 +58,7 @@ def run_reward_config(cfg: DictConfig) -> tuple[DictConfig, str]:
 def select(cfg: DictConfig, scorer=None) -> dict:
     from lsp.models import ModelPool
 
+    set_chat_date(cfg.model.chat_date)
     prompts, provenance = load_validation_prompts(cfg.validation_prompts)
     candidates = list_checkpoints(cfg.run_dir)
     if cfg.include_base:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.callbacks import latest_checkpoint
+from lsp.chat import set_chat_date
 from lsp.config import ConfigError, check_models, validate
 from lsp.data import SelfPlayData
 from lsp.models import (
@@ -147,6 +148,7 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | Non
 
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
+    set_chat_date(cfg.model.chat_date)
     check_models(cfg)
     L.seed_everything(cfg.seed, workers=True)
     device = resolve_device(cfg.device)

@@ -226,7 +226,7 @@ class LocalHFJudge:
         return text if len(ids) <= max_tokens else self._tok.decode(ids[:max_tokens]) + " [...]"
 
     def _prompt(self, instruction: str, first: str, second: str) -> str:
-        from lsp.rollout import render_chat
+        from lsp.chat import render_chat
 
         values = {
             "instruction": self._truncate(instruction, self.max_instruction_tokens),

@@ -146,7 +146,8 @@ def sample_answers(model, tokenizer, instructions: list[str], settings: Generati
     """One chat answer per instruction (the instruction is the user message, as in the paper)."""
     import torch
 
-    from lsp.rollout import SamplingConfig, generate, render_chat
+    from lsp.chat import render_chat
+    from lsp.rollout import SamplingConfig, generate
 
     torch.manual_seed(settings.seed)
     cfg = SamplingConfig(
