@@ -69,8 +69,10 @@ def test_aggregate_hand_computed():
     ],
 )
 def test_policy_loss_hand_computed(aggregation, pg_loss, kl_loss):
+    # The paper's formula as written (kl_placement="loss"): its VALUE is L_sol / L_ch.
     logp, ref, adv, mask = _tiny()
-    loss, stats = policy_loss(logp, ref, adv, mask, BETA, aggregation=aggregation)
+    loss, stats = policy_loss(logp, ref, adv, mask, BETA, kl_placement="loss",
+                              aggregation=aggregation)
     torch.testing.assert_close(loss, torch.tensor(pg_loss + kl_loss))
     torch.testing.assert_close(stats["pg_loss"], torch.tensor(pg_loss))
     torch.testing.assert_close(stats["kl_loss"], torch.tensor(kl_loss))
@@ -81,9 +83,9 @@ def test_policy_loss_hand_computed(aggregation, pg_loss, kl_loss):
     assert all(not v.requires_grad for v in stats.values())
 
 
-def test_policy_loss_reward_placement_hand_computed():
+def test_policy_loss_default_reward_placement_hand_computed():
     logp, ref, adv, mask = _tiny()
-    loss, _ = policy_loss(logp, ref, adv, mask, BETA, kl_placement="reward")
+    loss, _ = policy_loss(logp, ref, adv, mask, BETA)  # the default: kl_placement="reward"
     loss.backward()
     # reward-to-go of the log-ratio: seq 0 [0.5, 0, -1] -> [-0.5, -1, -1];
     # seq 1 [0.5, -0.5] -> [0, -0.5].
@@ -115,7 +117,7 @@ def test_pg_gradient_is_advantage_times_grad_logp():
 
 def test_k1_in_loss_gradient_is_beta_grad_logp():
     logp, ref, _, mask = _tiny()
-    loss, _ = policy_loss(logp, ref, torch.zeros(2), mask, BETA)
+    loss, _ = policy_loss(logp, ref, torch.zeros(2), mask, BETA, kl_placement="loss")
     loss.backward()
     # d/d logp_bt of BETA/B sum_b sum_t (logp_bt - ref_bt) = BETA / B on real tokens
     torch.testing.assert_close(logp.grad, BETA * mask / 2)
@@ -185,13 +187,14 @@ def _naive_challenger_loss(logp, ref, lengths, adv, beta):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_solver_and_challenger_losses_match_naive_paper_loops(seed):
+    # The paper's loss as written, term by term (kl_placement="loss", the literal option).
     n, g, c, beta = 3, 4, 6, 0.05
     logp, ref, mask, lengths, rewards, self_rewards = _random_rollout(n, g, c, seed)
     s_adv, c_adv, _, _ = lsp_advantages(rewards, self_rewards)
     assert s_adv.abs().min() > 0  # every advantage contributes
 
     naive = _naive_solver_loss(logp, ref, lengths, s_adv, beta)
-    loss, _ = policy_loss(logp, ref, s_adv.reshape(-1), mask, beta)
+    loss, _ = policy_loss(logp, ref, s_adv.reshape(-1), mask, beta, kl_placement="loss")
     (g_naive,) = torch.autograd.grad(naive, logp)
     (g_vec,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(loss, naive)
@@ -199,7 +202,7 @@ def test_solver_and_challenger_losses_match_naive_paper_loops(seed):
 
     # Challenger: the first N rows play the role of the N queries.
     naive_ch = _naive_challenger_loss(logp, ref, lengths, c_adv, beta)
-    loss_ch, _ = policy_loss(logp[:n], ref[:n], c_adv, mask[:n], beta)
+    loss_ch, _ = policy_loss(logp[:n], ref[:n], c_adv, mask[:n], beta, kl_placement="loss")
     (g_naive,) = torch.autograd.grad(naive_ch, logp)
     (g_vec,) = torch.autograd.grad(loss_ch, logp)
     torch.testing.assert_close(loss_ch, naive_ch)

@@ -30,5 +30,20 @@ def test_sweep_tags_runs_and_writes_summary(tmp_path):
     table = (sweep_dir / "sweep_summary.md").read_text()
     assert table.count("| lsp") == 4 and "n/a" not in table
     assert (sweep_dir / "sweep_summary.png").stat().st_size > 10_000
+    assert (sweep_dir / "sweep_curves.png").stat().st_size > 10_000
     summary = [r for r in runs if r.data.tags.get("sweep_summary") == "true"]
     assert len(summary) == 1
+
+
+def test_series_labels_name_the_kl_options_the_sweep_varies():
+    from lsp.sweep import label_series
+
+    rows = [{"algo": "lsp_zero", "kl_placement": p, "kl_estimator": "k1"}
+            for p in ("reward", "loss", "reward")]
+    label_series(rows)
+    assert [r["series"] for r in rows] == ["lsp_zero kl_placement=reward",
+                                           "lsp_zero kl_placement=loss",
+                                           "lsp_zero kl_placement=reward"]
+    same = [{"algo": a, "kl_placement": "reward", "kl_estimator": "k1"} for a in ("lsp", "lsp_zero")]
+    label_series(same)
+    assert [r["series"] for r in same] == ["lsp", "lsp_zero"]

@@ -1,7 +1,10 @@
 """Hydra multirun sweeps -> MLflow: every job is an MLflow run tagged with the sweep id and its
 overrides (lsp.train); when the sweep ends, `SweepSummary` (a Hydra callback, conf/train.yaml)
-writes a table and a plot of the chosen metric against beta for each algo, into the sweep folder
-and as artifacts of a summary run in the same MLflow experiment.
+writes, into the sweep folder and as artifacts of a summary run in the same MLflow experiment:
+- sweep_summary.{md,png}: the chosen metric (mean of the last k steps) against beta, one series
+  per variant: the algo, plus the KL options (placement, estimator) when the sweep varies them;
+- sweep_curves.png: the per-step curves of `curves` (default: both KL terms and the Solver reward),
+  one line per run, so that a KL that drifts is seen as it drifts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+DEFAULT_CURVES = ("kl/challenger", "kl/solver", "solver/reward_mean")
 
 
 def sweep_runs(client: MlflowClient, experiment_name: str, sweep_id: str) -> list:
@@ -32,6 +36,9 @@ def final_value(client: MlflowClient, run_id: str, metric: str, last_k: int) -> 
     return sum(tail) / len(tail) if tail else None
 
 
+VARIANT_KEYS = ("kl_placement", "kl_estimator")  # shown in a series label when the sweep varies them
+
+
 def summary_rows(client: MlflowClient, runs: list, metric: str, last_k: int) -> list[dict]:
     rows = []
     for run in runs:
@@ -40,17 +47,26 @@ def summary_rows(client: MlflowClient, runs: list, metric: str, last_k: int) -> 
             "run_id": run.info.run_id, "run_name": run.info.run_name,
             "overrides": run.data.tags.get("overrides", ""),
             "algo": params.get("algo/name", "?"), "beta": float(params.get("algo/beta", "nan")),
+            **{k: params.get(f"algo/{k}", "?") for k in VARIANT_KEYS},
             "status": run.info.status, metric: final_value(client, run.info.run_id, metric, last_k),
         })
-    return sorted(rows, key=lambda r: (r["algo"], r["beta"]))
+    label_series(rows)
+    return sorted(rows, key=lambda r: (r["series"], r["beta"]))
+
+
+def label_series(rows: list[dict]) -> None:
+    """rows[i]["series"]: the algo, plus each KL option whose value differs across the rows."""
+    varying = [k for k in VARIANT_KEYS if len({r[k] for r in rows}) > 1]
+    for r in rows:
+        r["series"] = " ".join([r["algo"], *(f"{k}={r[k]}" for k in varying)])
 
 
 def write_table(rows: list[dict], metric: str, path: Path) -> None:
-    head = ["algo", "beta", metric, "status", "overrides", "run_id"]
+    head = ["series", "beta", metric, "status", "overrides", "run_id"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         value = "n/a" if r[metric] is None else f"{r[metric]:.4f}"
-        cells = [r["algo"], f"{r['beta']:g}", value, r["status"], r["overrides"], r["run_id"]]
+        cells = [r["series"], f"{r['beta']:g}", value, r["status"], r["overrides"], r["run_id"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -62,10 +78,11 @@ def plot_metric_vs_beta(rows: list[dict], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for algo in sorted({r["algo"] for r in rows}):
-        pts = sorted((r["beta"], r[metric]) for r in rows if r["algo"] == algo and r[metric] is not None)
+    for series in sorted({r["series"] for r in rows}):
+        pts = sorted((r["beta"], r[metric]) for r in rows
+                     if r["series"] == series and r[metric] is not None)
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=algo)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=series)
     if ax.lines:
         ax.legend()
     ax.set_xlabel("beta (KL weight)")
@@ -77,31 +94,61 @@ def plot_metric_vs_beta(rows: list[dict], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(client: MlflowClient, rows: list[dict], metrics: list[str], path: Path) -> None:
+    """One panel per metric, one line per run (its series and beta) over training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for r in rows:
+            history = sorted(client.get_metric_history(r["run_id"], metric), key=lambda m: m.step)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history],
+                        label=f"{r['series']} beta={r['beta']:g}")
+        ax.set_xlabel("step")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * (len(labels) // 3), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def summarize_sweep(tracking_uri: str, experiment_name: str, sweep_id: str, out_dir: Path,
-                    metric: str = "solver/reward_mean", last_k: int = 5) -> list[dict]:
+                    metric: str = "solver/reward_mean", last_k: int = 5,
+                    curves: list[str] | None = None) -> list[dict]:
     client = MlflowClient(tracking_uri)
     rows = summary_rows(client, sweep_runs(client, experiment_name, sweep_id), metric, last_k)
     out_dir.mkdir(parents=True, exist_ok=True)
     table, plot = out_dir / "sweep_summary.md", out_dir / "sweep_summary.png"
+    curve_plot = out_dir / "sweep_curves.png"
     write_table(rows, metric, table)
     plot_metric_vs_beta(rows, metric, plot)
+    plot_curves(client, rows, list(curves or DEFAULT_CURVES), curve_plot)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment_name)
     with mlflow.start_run(run_name=f"sweep-{sweep_id}",
                           tags={"sweep_id": sweep_id, "sweep_summary": "true"}):
-        mlflow.log_artifact(str(table))
-        mlflow.log_artifact(str(plot))
+        for path in (table, plot, curve_plot):
+            mlflow.log_artifact(str(path))
     log.info("sweep %s: %d runs summarised in %s", sweep_id, len(rows), out_dir)
     return rows
 
 
 class SweepSummary(Callback):
-    def __init__(self, metric: str = "solver/reward_mean", last_k: int = 5):
+    def __init__(self, metric: str = "solver/reward_mean", last_k: int = 5,
+                 curves: list[str] | None = None):
         self.metric = metric
         self.last_k = last_k
+        self.curves = list(curves or DEFAULT_CURVES)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         tracking_uri = config.logger.tracking_uri
         summarize_sweep(tracking_uri, config.logger.experiment_name, sweep_dir.name, sweep_dir,
-                        self.metric, self.last_k)
+                        self.metric, self.last_k, self.curves)
