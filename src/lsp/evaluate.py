@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lsp.chat import set_chat_date
 from lsp.evaluation.outputs import (
     GenerationSettings,
+    as_model_outputs,
     generate_outputs,
     load_eval_set,
     stratified_subset,
@@ -54,7 +55,9 @@ def _outputs(cfg: DictConfig, spec: str, name: str, records: list[dict]) -> list
     # keeps each model's outputs in its own generate stage's folder.
     template = cfg.get("generations_dir") or str(Path(cfg.out_dir) / "generations")
     store = Path(template.format(generator=name))
-    outputs = generate_outputs(spec, records, name, settings, store, cfg.device, cfg.model_cache_dir)
+    generated = generate_outputs(spec, records, name, settings, store, cfg.device,
+                                 cfg.model_cache_dir)
+    outputs = as_model_outputs(generated, name)  # alpaca-eval's four keys only
     atomic_write_json(Path(cfg.out_dir) / "model_outputs" / f"{name}.json", outputs)
     return outputs
 

@@ -138,11 +138,24 @@ class OutputStore:
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
 
+class Answer(str):
+    """A generated answer (a str), flagged `truncated` when it hit max_new_tokens before EOS."""
+
+    truncated: bool | None = None
+
+    @classmethod
+    def of(cls, text: str, truncated: bool) -> Answer:
+        answer = cls(text)
+        answer.truncated = truncated
+        return answer
+
+
 # (model, tokenizer, instructions, settings) -> completions; tests and callers may swap it.
 Generator = Callable[[object, object, list[str], GenerationSettings], list[str]]
 
 
-def sample_answers(model, tokenizer, instructions: list[str], settings: GenerationSettings) -> list[str]:
+def sample_answers(model, tokenizer, instructions: list[str], settings: GenerationSettings
+                   ) -> list[Answer]:
     """One chat answer per instruction (the instruction is the user message, as in the paper)."""
     import torch
 
@@ -156,7 +169,8 @@ def sample_answers(model, tokenizer, instructions: list[str], settings: Generati
     )
     prompts = [render_chat(tokenizer, q) for q in instructions]
     rollout = generate(model, tokenizer, prompts, cfg, amp_dtype(settings.amp, str(model.device)))
-    return [c.strip() for c in rollout.completions]
+    return [Answer.of(c.strip(), bool(t))
+            for c, t in zip(rollout.completions, rollout.truncated.tolist(), strict=True)]
 
 
 def load_model(spec: str, dtype: str, device: str, cache_dir: str | None = None):
@@ -172,7 +186,8 @@ def generate_outputs(
     answer: Generator = sample_answers,
 ) -> list[dict]:
     """`model_outputs.json` records of `model_spec` for `records`, generating only what the store
-    lacks (in batches, longest instructions first to waste little padding)."""
+    lacks (in batches, longest instructions first to waste little padding). Each record also
+    says whether the answer was `truncated` (None in stores from before that was kept)."""
     meta = {"model": model_spec, **asdict(settings)}
     meta.pop("batch_size")
     store = OutputStore(store_dir, generator, meta)
@@ -184,9 +199,10 @@ def generate_outputs(
         for i in range(0, len(pending), settings.batch_size):
             batch = pending[i : i + settings.batch_size]
             answers = answer(model, tok, [r["instruction"] for r in batch], settings)
-            store.add(as_model_outputs(
-                [{**r, "output": a} for r, a in zip(batch, answers, strict=True)], generator
-            ))
+            outputs = as_model_outputs(
+                [{**r, "output": str(a)} for r, a in zip(batch, answers, strict=True)], generator)
+            store.add([{**o, "truncated": getattr(a, "truncated", None)}
+                       for o, a in zip(outputs, answers, strict=True)])
             done, took = i + len(batch), time.perf_counter() - start
             print(f"[generate {generator}] {done}/{len(pending)} outputs, {took:.0f} s "
                   f"(ETA {took / done * (len(pending) - done):.0f} s)", flush=True)
