@@ -104,3 +104,52 @@ def test_smoke_study_end_to_end(clean_copy):
 
 def _lines(path: Path) -> list[str]:
     return [x for x in path.read_text().splitlines() if x.strip()]
+
+
+def _lsp_imports(path: Path) -> set[str]:
+    """lsp modules a file imports anywhere (module level or inside functions), as repo paths."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name == "lsp" or not name.startswith("lsp."):
+                continue
+            base = REPO / "src" / Path(*name.split("."))
+            for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                if candidate.is_file():
+                    found.add(str(candidate.relative_to(REPO)))
+    return found
+
+
+def _closure(script: str) -> set[str]:
+    todo, seen = [script], set()
+    while todo:
+        path = todo.pop()
+        for dep in _lsp_imports(REPO / path) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return {p for p in seen if not p.endswith("__init__.py")}
+
+
+def test_every_stage_depends_on_the_lsp_code_it_imports(tmp_path):
+    """A DVC stage reruns only when a dep changes: each must list every src/lsp module its script
+    imports, directly or through other modules (a file, or a folder holding it)."""
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "pipeline", "",
+                     ["baselines=grpo"])
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    with Repo(str(tmp_path)) as repo:
+        stages = list(repo.index.stages)
+    for stage in stages:
+        deps = [d.def_path.rstrip("/") for d in stage.deps]
+        needed = _closure(stage.cmd.split()[1])
+        missing = sorted(p for p in needed
+                         if not any(p == d or p.startswith(d + "/") for d in deps))
+        assert not missing, f"{stage.name}: deps missing {missing}"
