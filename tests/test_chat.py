@@ -115,8 +115,20 @@ def test_an_empty_chat_date_is_a_config_error(compose_cfg):
         validate(compose_cfg("experiment=smoke", "model.chat_date=''"))
 
 
-def test_training_renders_with_the_configured_date(compose_cfg, workdir):
+def test_training_renders_with_the_configured_date(compose_cfg, workdir, monkeypatch):
+    # Every chat rendered during a training step (Challenger prompt, Solver prompts, judges)
+    # is given the configured date.
+    from transformers import PreTrainedTokenizerBase
+
     from lsp.train import train
 
+    dates = []
+    real = PreTrainedTokenizerBase.apply_chat_template
+
+    def spy(self, *args, **kwargs):
+        dates.append(kwargs.get("date_string"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template", spy)
     train(compose_cfg("experiment=smoke", "trainer.max_steps=1", "model.chat_date='02 Feb 2025'"))
-    assert chat.chat_date() == "02 Feb 2025"
+    assert len(dates) >= 3 and set(dates) == {"02 Feb 2025"}

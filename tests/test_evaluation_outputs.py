@@ -12,6 +12,7 @@ from lsp.evaluation.outputs import (
     EvalSetUnavailableError,
     GenerationSettings,
     StoreMismatchError,
+    as_model_outputs,
     generate_outputs,
     load_eval_set,
     sample_answers,
@@ -60,12 +61,21 @@ def test_generated_records_have_the_alpaca_eval_format(tmp_path):
     out = generate_outputs("tiny:causal", records, "my_model", settings, tmp_path)
     assert len(out) == 3
     for rec, src in zip(out, records, strict=True):
-        assert tuple(rec) == RECORD_KEYS
+        assert tuple(rec) == (*RECORD_KEYS, "truncated")  # 6 tokens: every answer cut off
+        assert rec["truncated"] is True and tuple(as_model_outputs([rec], "m")[0]) == RECORD_KEYS
         assert rec["instruction"] == src["instruction"] and rec["dataset"] == src["dataset"]
         assert rec["generator"] == "my_model" and isinstance(rec["output"], str)
         assert rec["output"] != src["output"]  # the model's answer, not the reference
     meta = json.loads((tmp_path / "my_model.meta.json").read_text())
     assert meta["temperature"] == 0.01 and meta["model"] == "tiny:causal"
+    assert meta["chat_date"] == "26 Jul 2024"  # answers under another date are not reused
+
+
+def test_generation_settings_refuse_a_zero_temperature_or_top_p():
+    with pytest.raises(ValueError, match="temperature=0"):
+        GenerationSettings(temperature=0)
+    with pytest.raises(ValueError, match=r"top_p=0.*\(0, 1\]"):
+        GenerationSettings(top_p=0)
 
 
 def test_interrupted_generation_resumes_without_generating_twice(tmp_path):

@@ -145,7 +145,11 @@ def test_entry_point_end_to_end_on_a_tiny_model(compose_cfg, workdir):
     records = ife.read_records(workdir / "artifacts/ifeval/cand/records.jsonl")
     assert [r["key"] for r in records] == [p["key"] for p in ife.load_prompts(IFEVAL)[:4]]
     assert all(len(r["strict"]) == len(r["instruction_id_list"]) for r in records)
-    stored = json.loads((workdir / "artifacts/ifeval/base/metrics.json").read_text())
+    stored = json.loads((workdir / "artifacts/ifeval/base/details.json").read_text())
     assert "prompt_level_loose_se" in stored and stored["generation"]["max_new_tokens"] == 6
+    assert "per_type" in stored
+    headline = json.loads((workdir / "artifacts/ifeval/cand/metrics.json").read_text())
+    assert set(headline) >= {"prompt_level_loose", "prompt_level_loose_se", "n_truncated",
+                             "vs_base_prompt_loose"} and "per_type" not in headline
     # a rerun generates nothing new (resumable store) and gives the same figures
     assert run(cfg)["prompt_level_loose"] == metrics["prompt_level_loose"]

@@ -27,8 +27,8 @@ Departures from the paper, each off by default:
 
 Expected gradients (tests/test_kl_gradient.py, exact by enumeration): the mean baseline includes
 the sample itself, so E[(R_j - mean_k R_k) grad log p(y_j)] = (1 - 1/G) grad E[R]: the direction
-of grad E[R] exactly, scaled by (G - 1)/G (Solver) or (N - 1)/N (Challenger), a constant
-learning-rate factor.
+of grad E[R] exactly, scaled by (G - 1)/G (Solver) or (N - 1)/N (Challenger, when every query
+of the step is valid), a constant learning-rate factor.
 """
 
 from __future__ import annotations

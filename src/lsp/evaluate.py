@@ -81,18 +81,19 @@ def _sanity(cfg: DictConfig, judge, eval_set: list[dict], annotations) -> dict:
 
 def eval_records(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     """(the whole eval set, the instructions evaluated: all, or k per subset)."""
-    set_chat_date(cfg.model.chat_date)  # every generation and judge prompt below renders with it
     eval_set = load_eval_set(cfg.eval.eval_set.path, HUB_V2)
     return eval_set, stratified_subset(eval_set, cfg.eval.subset.k_per_subset, cfg.eval.subset.seed)
 
 
 def generate_only(cfg: DictConfig, spec: str, name: str) -> list[dict]:
     """The generation half of `evaluate` (a DVC stage of its own): model_outputs of one model."""
+    set_chat_date(cfg.model.chat_date)
     return _outputs(cfg, spec, name, eval_records(cfg)[1])
 
 
 def evaluate(cfg: DictConfig) -> dict:
     start, e, out = time.perf_counter(), cfg.eval, Path(cfg.out_dir)
+    set_chat_date(cfg.model.chat_date)  # every generation and local-judge prompt renders with it
     eval_set, records = eval_records(cfg)
     spec, name = candidate_model(cfg)
     candidate = _outputs(cfg, spec, name, records)

@@ -1,10 +1,11 @@
 """`python -m lsp.ifeval [candidate.model=...]`: IFEval for a candidate and the base model.
 
-Writes <out_dir>/<name>/records.jsonl (per prompt: response, pass/fail per instruction, strict and
-loose, truncated) and <out_dir>/<name>/metrics.json (the four official figures with SEs, accuracy
-per instruction type, answers that hit max_new_tokens; for the candidate also the paired
-difference against the base with a bootstrap 95% CI and an exact McNemar p-value). Generation is
-resumable (<out_dir>/generations/), and the figures land in MLflow.
+Writes, for the base and the candidate, <out_dir>/<name>/records.jsonl (per prompt: response,
+pass/fail per instruction, strict and loose, truncated), details.json (the four official figures
+with SEs, accuracy per instruction type, answers that hit max_new_tokens; for the candidate also the
+paired difference against the base with a bootstrap 95% CI and an exact McNemar p-value) and
+metrics.json (the headline figures only). Generation is resumable (<out_dir>/<name>/generations/),
+and the figures land in MLflow.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from lsp.evaluation.outputs import GenerationSettings, generate_outputs
 from lsp.evaluation.runtime import atomic_write_json
 from lsp.evaluation.tracking import flatten, log_run
 
-HEADLINE = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
-            "instruction_level_loose")
+HEADLINE = ife.HEADLINE
 
 
 def settings(cfg: DictConfig) -> GenerationSettings:
@@ -33,36 +33,46 @@ def settings(cfg: DictConfig) -> GenerationSettings:
     return GenerationSettings(**gen, seed=cfg.seed)
 
 
-def evaluate_model(cfg: DictConfig, prompts: list[dict], spec: str, name: str) -> list[dict]:
-    """Generate (resumable), score, and write one model's records and metrics."""
-    gen = settings(cfg)
+def evaluate_model(cfg: DictConfig, prompts: list[dict], spec: str, name: str,
+                   folder: Path) -> list[dict]:
+    """Generate (resumable, <folder>/generations), score, and keep one model's per-prompt
+    records (<folder>/records.jsonl)."""
     requests = [{"instruction": p["prompt"], "dataset": "ifeval"} for p in prompts]
-    store = Path(cfg.out_dir) / "generations"
-    outputs = generate_outputs(spec, requests, name, gen, store, cfg.device, cfg.model_cache_dir)
+    outputs = generate_outputs(spec, requests, name, settings(cfg), folder / "generations",
+                               cfg.device, cfg.model_cache_dir)
     records = ife.score_outputs(prompts, outputs)
-    folder = Path(cfg.out_dir) / name
     ife.write_records(folder / "records.jsonl", records)
-    atomic_write_json(folder / "metrics.json",
-                      {"model": spec, **ife.model_report(records, asdict(gen))})
     return records
+
+
+def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
+                  base: list[dict] | None = None) -> dict:
+    """<folder>/details.json (everything) and <folder>/metrics.json (the headline figures: what
+    `dvc metrics show` lists); returns the details."""
+    details = {"model": spec, **ife.model_report(records, asdict(settings(cfg)))}
+    if base is not None:
+        details["vs_base"] = {mode: ife.paired_difference(records, base, mode, cfg.ifeval.n_boot,
+                                                          cfg.seed)
+                              for mode in ("strict", "loose")}
+    atomic_write_json(folder / "details.json", details)
+    atomic_write_json(folder / "metrics.json", ife.headline(details))
+    return details
 
 
 def run(cfg: DictConfig) -> dict:
     set_chat_date(cfg.model.chat_date)
     prompts = ife.load_or_download(cfg.ifeval.path)[: cfg.ifeval.limit or None]
-    base = evaluate_model(cfg, prompts, cfg.base.model, cfg.base.name)
+    out = Path(cfg.out_dir)
+    base = evaluate_model(cfg, prompts, cfg.base.model, cfg.base.name, out / cfg.base.name)
+    base_details = write_metrics(cfg, out / cfg.base.name, cfg.base.model, base)
     spec, name = candidate_model(cfg)
     if name == cfg.base.name:
         raise ValueError(f"candidate.name must differ from base.name ({name!r})")
-    cand = evaluate_model(cfg, prompts, spec, name)
-    metrics_path = Path(cfg.out_dir) / name / "metrics.json"
-    metrics = {"model": spec, **ife.model_report(cand, asdict(settings(cfg))), "vs_base": {
-        mode: ife.paired_difference(cand, base, mode, cfg.ifeval.n_boot, cfg.seed)
-        for mode in ("strict", "loose")}}
-    atomic_write_json(metrics_path, metrics)
-    print(format_table({cfg.base.name: ife.summary(base), name: metrics}))
-    _log(cfg, name, metrics, metrics_path)
-    return metrics
+    cand = evaluate_model(cfg, prompts, spec, name, out / name)
+    details = write_metrics(cfg, out / name, spec, cand, base)
+    print(format_table({cfg.base.name: base_details, name: details}))
+    _log(cfg, name, details, out / name)
+    return details
 
 
 def format_table(reports: dict[str, dict]) -> str:
@@ -79,12 +89,15 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _log(cfg: DictConfig, name: str, metrics: dict, path: Path) -> None:
-    flat = flatten({k: v for k, v in metrics.items() if k != "generation"}, "ifeval/")
-    params = {"candidate": metrics["model"], "base": cfg.base.model, "n_prompts": metrics["n_prompts"],
-              **{f"generation.{k}": v for k, v in metrics["generation"].items()}}
-    log_run(cfg.get("logger"), f"ifeval_{name}", params, flat,
-            [path, path.parent / "records.jsonl"], tags={"lsp.stage": "ifeval", "lsp.candidate": name})
+def _log(cfg: DictConfig, name: str, details: dict, folder: Path) -> None:
+    flat = flatten({k: v for k, v in details.items() if k != "generation"}, "ifeval/")
+    params = {"candidate": details["model"], "base": cfg.base.model,
+              "n_prompts": details["n_prompts"],
+              **{f"generation.{k}": v for k, v in details["generation"].items()}}
+    logger = cfg.get("logger") or {}
+    log_run(cfg.get("logger"), logger.get("run_name") or f"ifeval_{name}", params, flat,
+            [folder / "metrics.json", folder / "details.json", folder / "records.jsonl"],
+            tags={"lsp.stage": "ifeval", "lsp.candidate": name})
 
 
 @hydra.main(config_path="../../conf", config_name="ifeval", version_base="1.3")

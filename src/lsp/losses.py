@@ -26,9 +26,10 @@ formula as written, because that formula does not do what the paper says it does
   "loss": the paper's formula as written: zero expected gradient. The estimator is
   differentiated inside the loss; for k1 its gradient is beta * grad log pi(sampled sequence),
   whose expectation under pi is 0 (E[grad log pi] = 0), so on average it does not pull pi
-  towards pi_ref at all and only adds noise. (k3 in the loss has expected per-token gradient
-  grad KL(pi_ref || pi), the other direction, and k2 neither; both ignore how the prefix
-  depends on theta, so neither is the sequence-KL gradient either.)
+  towards pi_ref at all and only adds noise. (In the loss, k2's expected per-token gradient is
+  that of each position's next-token KL(pi || pi_ref), k3's that of KL(pi_ref || pi), the other
+  direction; both ignore how the prefix depends on theta, i.e. the later tokens' terms, so
+  neither is the sequence-KL gradient.)
 - ``kl_estimator`` (per-token sample estimate of KL(pi || pi_ref), x = ref_logp - logp):
   "k1" = -x, the paper's log-ratio (default); "k2" = x^2 / 2; "k3" = exp(x) - x - 1
   (Schulman's non-negative, low-variance estimator, used by GRPO/TRL in the loss). With

@@ -42,6 +42,14 @@ def model_answers(settings: GenerationSettings, device: str, cache_dir: str | No
     return answer
 
 
+def run_chat_date(cfg: DictConfig) -> str:
+    """The date the run's checkpoints were trained with (its saved config), else model.chat_date:
+    their answers are scored as the policy saw its prompts."""
+    saved = Path(cfg.run_dir) / "config.yaml"
+    trained = OmegaConf.select(OmegaConf.load(saved), "model.chat_date") if saved.is_file() else None
+    return trained or cfg.model.chat_date
+
+
 def run_reward_config(cfg: DictConfig) -> tuple[DictConfig, str]:
     """The training run's reward config where the run saved its config, else the composed one."""
     for saved in (Path(cfg.run_dir) / "config.yaml", Path(cfg.run_dir) / ".hydra" / "config.yaml"):
@@ -58,7 +66,7 @@ def run_reward_config(cfg: DictConfig) -> tuple[DictConfig, str]:
 def select(cfg: DictConfig, scorer=None) -> dict:
     from lsp.models import ModelPool
 
-    set_chat_date(cfg.model.chat_date)
+    set_chat_date(run_chat_date(cfg))
     prompts, provenance = load_validation_prompts(cfg.validation_prompts)
     candidates = list_checkpoints(cfg.run_dir)
     if cfg.include_base:

@@ -111,7 +111,11 @@ def plot_curves(client: MlflowClient, rows: list[dict], metrics: list[str], path
         ax.set_xlabel("step")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend = {}  # label -> handle, from every panel (a GRPO run has no Challenger curve)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * (len(labels) // 3), 1, 1))

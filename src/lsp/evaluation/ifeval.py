@@ -250,3 +250,18 @@ def write_records(path: str | Path, records: Sequence[dict]) -> None:
 
 def read_records(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+HEADLINE = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
+            "instruction_level_loose")
+
+
+def headline(details: dict) -> dict:
+    """The figures a researcher compares (DVC metrics): the four official ones with SEs, the
+    truncation count, and the paired difference against the base."""
+    out = {k: details[k] for k in HEADLINE} | {f"{k}_se": details[f"{k}_se"] for k in HEADLINE}
+    out |= {"n_prompts": details["n_prompts"], "n_truncated": details["n_truncated"]}
+    for mode, d in details.get("vs_base", {}).items():
+        out[f"vs_base_prompt_{mode}"] = {"difference": d["difference"], "ci95_low": d["ci95"][0],
+                                         "ci95_high": d["ci95"][1], "mcnemar_p": d["mcnemar_p"]}
+    return out

@@ -108,6 +108,13 @@ class GenerationSettings:
     amp: str = "none"
     seed: int = 0
 
+    def __post_init__(self):
+        # temperature 0 would divide the logits by zero; top_p 0 keeps no token at all
+        if not self.temperature > 0:
+            raise ValueError(f"generation temperature={self.temperature!r}: must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation top_p={self.top_p!r}: must be in (0, 1]")
+
 
 class OutputStore:
     """Every record one generator has produced, persisted after each batch."""
@@ -188,7 +195,11 @@ def generate_outputs(
     """`model_outputs.json` records of `model_spec` for `records`, generating only what the store
     lacks (in batches, longest instructions first to waste little padding). Each record also
     says whether the answer was `truncated` (None in stores from before that was kept)."""
-    meta = {"model": model_spec, **asdict(settings)}
+    from lsp.chat import chat_date
+
+    # The chat date is part of the prompt (Llama-3 prints it): answers rendered under another
+    # date are not reused.
+    meta = {"model": model_spec, **asdict(settings), "chat_date": chat_date()}
     meta.pop("batch_size")
     store = OutputStore(store_dir, generator, meta)
     pending = [r for r in records if r["instruction"] not in store.records]
