@@ -13,7 +13,8 @@ def main() -> None:
     arms = list(params.arms)
     path = build_report({a: train_dir(a) for a in arms}, {a: select_dir(a) for a in arms},
                         {a: evaluate_dir(a) for a in arms}, Path("artifacts/report"),
-                        f"{params.report.title} ({params.study_name})")
+                        f"{params.report.title} ({params.study_name})",
+                        ifeval_dir=Path("artifacts/ifeval"))
     print(f"report -> {path}")
 
 

@@ -30,7 +30,7 @@ def test_stage_commands_and_deps_point_at_existing_files(tmp_path, overrides):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     with Repo(str(tmp_path)) as repo:
         stages = list(repo.index.stages)
-    expected = {"prepare", "train", "select", "generate", "score", "report"}
+    expected = {"prepare", "train", "select", "generate", "score", "ifeval_base", "ifeval", "report"}
     assert {s.name.split("@")[0] for s in stages} >= expected | ({"prompts"} if overrides else set())
     for stage in stages:
         script = stage.cmd.split()[1]
@@ -81,6 +81,15 @@ def test_smoke_study_end_to_end(clean_copy):
     report = clean_copy / "artifacts/report/report.md"
     assert report.is_file() and (clean_copy / "artifacts/report/training_curves.png").is_file()
     assert all(f"| {a} " in report.read_text() for a in arms)
+    # IFEval for the base and every arm: DVC metrics, per-prompt records, the report's table
+    assert {"ifeval_base"} | {f"ifeval@{a}" for a in arms} <= _ran(first)
+    for name in ("base", *arms):
+        m = json.loads((clean_copy / f"artifacts/ifeval/{name}/metrics.json").read_text())
+        assert m["n_prompts"] == 6 and 0 <= m["prompt_level_loose"] <= 1
+        assert (name == "base") != ("vs_base_prompt_loose" in m)
+        assert len(_lines(clean_copy / f"artifacts/ifeval/{name}/records.jsonl")) == 6
+    assert "## Results: IFEval" in report.read_text()
+    assert "prompt_level_loose" in _run([str(BIN / "dvc"), "metrics", "show"], clean_copy)
     prompts = (clean_copy / "artifacts/prompts/grpo.jsonl").read_text().splitlines()
     assert len(prompts) == 64  # the example set, none of it in AlpacaEval
     grpo_queries = {json.loads(r)["query"] for r in _lines(clean_copy / "artifacts/train/grpo/samples.jsonl")}

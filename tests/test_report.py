@@ -279,3 +279,32 @@ def test_history_keeps_metrics_that_first_appear_after_step_one(tmp_path):
     assert [r["solver/reward_mean"] for r in rows] == [None, 4.5, 4.5]
     assert [r["rollout/invalid_queries"] for r in rows] == [4.0, 4.0, 4.0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]  # no temporary left
+
+
+def _ifeval_details(acc: float, vs_base: bool) -> dict:
+    d = {"n_prompts": 10, "n_truncated": 2,
+         "per_type": {"punctuation:no_comma": {"n": 4, "strict": acc, "loose": acc},
+                      "change_case:english_lowercase": {"n": 6, "strict": 0.5, "loose": 0.5}}}
+    for k in ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
+              "instruction_level_loose"):
+        d[k], d[f"{k}_se"] = acc, 0.05
+    if vs_base:
+        d["vs_base"] = {m: {"difference": 0.2, "ci95": [0.0, 0.4], "mcnemar_p": 0.125,
+                            "wins": 3, "losses": 1} for m in ("strict", "loose")}
+    return d
+
+
+def test_report_ifeval_section_and_type_chart(tmp_path):
+    root = tmp_path / "ifeval"
+    for name, acc in (("base", 0.3), ("lsp", 0.5)):
+        (root / name).mkdir(parents=True)
+        (root / name / "details.json").write_text(json.dumps(_ifeval_details(acc, name != "base")))
+    path = build_report({}, {}, {"lsp": tmp_path / "none", "lsp_zero": tmp_path / "none"},
+                        tmp_path / "out", ifeval_dir=root)
+    text = path.read_text()
+    assert "## Results: IFEval" in text
+    # base row: 30.0 ± 5.0 four times, no delta; lsp: +20.0 points [+0.0, +40.0], p = 0.12
+    assert "| base | 30.0 ± 5.0 | 30.0 ± 5.0 | 30.0 ± 5.0 | 30.0 ± 5.0 | - | - | 2/10 |" in text
+    assert "| lsp | 50.0 ± 5.0" in text and "+20.0 [+0.0, +40.0], p = 0.12 (3+/1-)" in text
+    assert "Missing: lsp_zero." in text
+    assert (tmp_path / "out" / "ifeval_types.png").stat().st_size > 5_000

@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> dict:
     cand = evaluate_model(cfg, prompts, spec, name, out / name)
     details = write_metrics(cfg, out / name, spec, cand, base)
     print(format_table({cfg.base.name: base_details, name: details}))
-    _log(cfg, name, details, out / name)
+    log_details(cfg, name, details, out / name)
     return details
 
 
@@ -89,7 +89,7 @@ def format_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _log(cfg: DictConfig, name: str, details: dict, folder: Path) -> None:
+def log_details(cfg: DictConfig, name: str, details: dict, folder: Path) -> None:
     flat = flatten({k: v for k, v in details.items() if k != "generation"}, "ifeval/")
     params = {"candidate": details["model"], "base": cfg.base.model,
               "n_prompts": details["n_prompts"],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from lsp import report_ifeval
 from lsp.callbacks import read_history
 from lsp.plots import SUBSETS, arm_colors, plot_selection, plot_training_curves, plot_win_rates
 
@@ -477,7 +478,8 @@ def missing_section(arms: list[Arm]) -> list[str]:
     return ["**Missing inputs** (the sections below say what they could not show):", "", *notes, ""]
 
 
-def render_figures(arms: list[Arm], out_dir: Path) -> dict[str, Path | None]:
+def render_figures(arms: list[Arm], out_dir: Path, ifeval: dict | None = None
+                   ) -> dict[str, Path | None]:
     colors = arm_colors([a.name for a in arms])
     keys = baselines(arms)
     results = {a.name: a.metrics[keys[0]] for a in arms
@@ -488,7 +490,7 @@ def render_figures(arms: list[Arm], out_dir: Path) -> dict[str, Path | None]:
         " -- a weak embedded judge: NOT evidence of quality" if weak else "")
     labels = {a.name: a.name if step is None else f"{a.name} (step {step})"
               for a in arms for step in [evaluated_step(a)]}
-    for name in ("training_curves.png", "win_rates.png", "selection.png"):
+    for name in ("training_curves.png", "win_rates.png", "selection.png", "ifeval_types.png"):
         (out_dir / name).unlink(missing_ok=True)  # never leave a stale figure beside the report
     return {
         "curves": plot_training_curves({a.name: a.history for a in arms},
@@ -497,13 +499,17 @@ def render_figures(arms: list[Arm], out_dir: Path) -> dict[str, Path | None]:
                                     keys[0][3:] if keys else "base", note, weak, labels),
         "selection": plot_selection({a.name: a.selection for a in arms},
                                     out_dir / "selection.png", colors),
+        "ifeval_types": report_ifeval.plot_types(ifeval or {}, out_dir / "ifeval_types.png",
+                                                 colors),
     }
 
 
 def render_markdown(arms: list[Arm], figures: dict[str, Path | None], title: str,
-                    n_steps: int = 3, per_step: int = 3) -> str:
+                    n_steps: int = 3, per_step: int = 3, ifeval: dict | None = None) -> str:
     lines = [f"# {title}", "", f"Arms: {', '.join(a.name for a in arms) or 'none'}.", ""]
     lines += missing_section(arms)
+    if ifeval is not None:
+        lines += report_ifeval.section(ifeval, [a.name for a in arms], figures.get("ifeval_types"))
     lines += results_section(arms, figures.get("win_rates"))
     lines += training_section(arms, figures.get("curves"))
     lines += queries_section(arms, n_steps, per_step)
@@ -518,17 +524,21 @@ def _path(p) -> Path | None:
 
 def build_report(train_dirs: dict[str, Path], select_dirs: dict[str, Path],
                  eval_dirs: dict[str, Path], out_dir: Path, title: str = TITLE,
-                 sample_steps: int = 3, queries_per_step: int = 3) -> Path:
+                 sample_steps: int = 3, queries_per_step: int = 3,
+                 ifeval_dir: Path | None = None) -> Path:
     """Writes `out_dir/report.md` and its PNGs; returns the Markdown's path. Arms are the union
-    of the three mappings' keys, in that order; any input may be missing."""
+    of the three mappings' keys, in that order; any input may be missing. `ifeval_dir` holds
+    `<name>/details.json` for the base and the arms (the IFEval section)."""
     names = list(dict.fromkeys([*train_dirs, *select_dirs, *eval_dirs]))
     arms = [load_arm(n, _path(train_dirs.get(n)), _path(select_dirs.get(n)),
                      _path(eval_dirs.get(n))) for n in names]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = render_figures(arms, out_dir)
+    ifeval = None if ifeval_dir is None else report_ifeval.load(ifeval_dir, names)
+    figures = render_figures(arms, out_dir, ifeval)
     report = out_dir / "report.md"
-    report.write_text(render_markdown(arms, figures, title, sample_steps, queries_per_step))
+    report.write_text(render_markdown(arms, figures, title, sample_steps, queries_per_step,
+                                      ifeval))
     return report
 
 
@@ -559,6 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help=f"an arm's {what}; repeat per arm")
     p.add_argument("--root", type=Path,
                    help="also take every arm found under ROOT/{train,select,evaluate}")
+    p.add_argument("--ifeval-dir", type=Path,
+                   help="IFEval results (<dir>/<name>/details.json; default ROOT/ifeval)")
     p.add_argument("--out", type=Path, default=Path("artifacts/report"), help="output folder")
     p.add_argument("--title", default=TITLE)
     p.add_argument("--sample-steps", type=int, default=3, help="steps shown per arm")
@@ -572,8 +584,9 @@ def main(argv: list[str] | None = None) -> Path:
     train |= dict(args.train_dir)
     select |= dict(args.select_dir)
     evals |= dict(args.eval_dir)
+    ifeval = args.ifeval_dir or (args.root / "ifeval" if args.root else None)
     path = build_report(train, select, evals, args.out, args.title, args.sample_steps,
-                        args.queries_per_step)
+                        args.queries_per_step, ifeval)
     print(f"report: {path}")
     return path
 

@@ -113,3 +113,24 @@ def eval_config(params: DictConfig, name: str) -> DictConfig:
     use_prepared_base(cfg, params.model.policy, ["eval.judge.model"])
     cfg.logger.run_name = f"{params.study_name}-evaluate-{name}"
     return cfg
+
+
+def ifeval_dir(name: str) -> Path:
+    return ARTIFACTS / "ifeval" / name
+
+
+def ifeval_config(params: DictConfig, name: str) -> DictConfig:
+    """The `lsp.ifeval` config of one study model (an arm's selected checkpoint, or the prepared
+    base): the AlpacaEval generation settings, the study's `ifeval` section."""
+    cfg = OmegaConf.create({
+        "model": params.model, "eval": {"generation": params.eval.generation},
+        "ifeval": params.ifeval, "logger": params.logger,
+        "candidate": {"model": str(BASE_MODEL), "name": name, "selection": None},
+        "base": {"model": str(BASE_MODEL), "name": "base"},
+        "out_dir": str(ARTIFACTS / "ifeval"), "device": params.device,
+        "model_cache_dir": params.model_cache_dir, "seed": params.seed,
+    })
+    if name != "base":
+        cfg.candidate.selection = str(select_dir(name) / "selection.json")
+    cfg.logger.run_name = f"{params.study_name}-ifeval-{name}"
+    return cfg

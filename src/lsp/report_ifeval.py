@@ -1,0 +1,90 @@
+"""The study report's IFEval part: a table of the four official figures per model (with SEs) and
+the paired difference against the base, and a per-instruction-type bar chart (each arm vs base).
+
+Reads `<ifeval_dir>/<name>/details.json` as `python -m lsp.ifeval` / `pipelines/ifeval.py` write
+it; a missing model is listed, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from lsp.evaluation.ifeval import HEADLINE
+
+COLUMNS = ("prompt strict", "instruction strict", "prompt loose", "instruction loose")
+
+
+def load(ifeval_dir: Path | None, names: list[str]) -> dict[str, dict]:
+    """name -> details, for the base and every arm that has one."""
+    if ifeval_dir is None:
+        return {}
+    found = {}
+    for name in ["base", *names]:
+        path = Path(ifeval_dir) / name / "details.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def _pm(d: dict, key: str) -> str:
+    return f"{100 * d[key]:.1f} ± {100 * d[key + '_se']:.1f}"
+
+
+def _delta(d: dict, mode: str) -> str:
+    v = d.get("vs_base", {}).get(mode)
+    if v is None:
+        return "-"
+    lo, hi = v["ci95"]
+    return (f"{100 * v['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+            f"p = {v['mcnemar_p']:.2g} ({v['wins']}+/{v['losses']}-)")
+
+
+def section(results: dict[str, dict], names: list[str], png: Path | None) -> list[str]:
+    out = ["## Results: IFEval (program-verified instruction following)", ""]
+    if not results:
+        return out + ["No IFEval results (`artifacts/ifeval/<name>/details.json`).", ""]
+    missing = [n for n in ["base", *names] if n not in results]
+    n = next(iter(results.values()))["n_prompts"]
+    out += [f"{n} prompts, scored by lm-eval's official IFEval checkers (no judge): accuracy in %, "
+            "± one standard error (instruction level: clustered by prompt). Δ = the paired "
+            "prompt-level difference against the base in points, [bootstrap 95% CI], exact "
+            "McNemar p (prompts won+/lost-).", ""]
+    header = ["Model", *COLUMNS, "Δ prompt strict", "Δ prompt loose", "truncated"]
+    rows = [[name, *(_pm(d, k) for k in HEADLINE), _delta(d, "strict"), _delta(d, "loose"),
+             "n/a" if d.get("n_truncated") is None else f"{d['n_truncated']}/{d['n_prompts']}"]
+            for name, d in results.items()]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    if missing:
+        out += [f"Missing: {', '.join(missing)}.", ""]
+    if png:
+        out += [f"![IFEval accuracy per instruction type]({png.name})", ""]
+    return out
+
+
+def plot_types(results: dict[str, dict], path: Path, colors: dict[str, str],
+               mode: str = "loose") -> Path | None:
+    """Instruction-level accuracy per instruction type, one bar per model (base first)."""
+    if "base" not in results or len(results) < 2:
+        return None
+    types = sorted(results["base"]["per_type"])
+    fig = Figure(figsize=(max(8, 0.45 * len(types) * len(results)), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / len(results)
+    for i, (name, d) in enumerate(results.items()):
+        values = [100 * d["per_type"].get(t, {}).get(mode, 0.0) for t in types]
+        ax.bar([x + i * width for x in range(len(types))], values, width, label=name,
+               color="0.6" if name == "base" else colors.get(name))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(types))])
+    ax.set_xticklabels([t.split(":")[-1] for t in types], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(f"instructions followed, {mode} (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("IFEval accuracy per instruction type")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
