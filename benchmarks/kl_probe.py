@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lsp.chat import render_chat, set_chat_date
+from lsp.chat import DEFAULT_CHAT_DATE, render_chat, set_chat_date
 from lsp.evaluation.selection import load_validation_prompts
 from lsp.logprobs import completion_logprobs, masked_sum
 from lsp.models import load_causal_lm, load_tokenizer, resolve_model
@@ -43,7 +43,7 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def probe(ckpt: Path, samples: int, seed: int) -> dict:
     cfg = OmegaConf.load(ckpt.parent.parent / "config.yaml")
-    set_chat_date(cfg.model.chat_date)
+    set_chat_date(OmegaConf.select(cfg, "model.chat_date", default=DEFAULT_CHAT_DATE))
     policy, tok = load_causal_lm(str(ckpt)), load_tokenizer(str(ckpt))
     reference = load_causal_lm(resolve_model(cfg.model.reference, cfg.model.cache_dir))
     prompt = render_challenger_prompt(cfg.rollout.task or DEFAULT_TASK,
