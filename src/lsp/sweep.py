@@ -154,5 +154,6 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         tracking_uri = config.logger.tracking_uri
-        summarize_sweep(tracking_uri, config.logger.experiment_name, sweep_dir.name, sweep_dir,
+        sweep_id = str(config.get("sweep_id") or sweep_dir.name)  # lsp.train tags runs the same way
+        summarize_sweep(tracking_uri, config.logger.experiment_name, sweep_id, sweep_dir,
                         self.metric, self.last_k, self.curves)
