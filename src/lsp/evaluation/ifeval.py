@@ -22,6 +22,7 @@ that is put on nltk's search path before lm-eval's IFEval code is imported.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import defaultdict
@@ -111,24 +112,24 @@ def default_nltk_dir() -> Path:
     return DEFAULT_CACHE.parent / "nltk_data"
 
 
+@functools.cache
 def _checkers():
+    # Once per process: punkt data checked/written, then lm-eval's IFEval code imported (it looks
+    # for punkt_tab at import). Not per scored prompt.
     ensure_punkt(default_nltk_dir())
-    from lm_eval.tasks.ifeval import utils
+    from lm_eval.tasks.ifeval import instructions_registry, utils
 
-    return utils
+    return utils, instructions_registry.INSTRUCTION_DICT
 
 
 def registry() -> dict:
     """The 25 instruction ids -> checker classes, from lm-eval."""
-    ensure_punkt(default_nltk_dir())
-    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
-
-    return INSTRUCTION_DICT
+    return _checkers()[1]
 
 
 def score_response(record: dict, response: str) -> dict:
     """One prompt's per-prompt record: pass/fail per instruction, strict and loose."""
-    utils = _checkers()
+    utils = _checkers()[0]
     inp = utils.InputExample(key=record["key"], instruction_id_list=record["instruction_id_list"],
                              prompt=record["prompt"], kwargs=record["kwargs"])
     strict = utils.test_instruction_following_strict(inp, response)
@@ -233,14 +234,10 @@ def score_outputs(prompts: Sequence[dict], outputs: Sequence[dict]) -> list[dict
 
 
 def model_report(records: Sequence[dict], settings: dict) -> dict:
-    n_trunc = sum(bool(r.get("truncated")) for r in records)
-    return {**summary(records), "n_truncated": n_truncated_or_none(records, n_trunc),
-            "generation": settings}
-
-
-def n_truncated_or_none(records: Sequence[dict], n: int) -> int | None:
-    # None when the generation store predates truncation flags (unknown, not zero)
-    return None if any(r.get("truncated") is None for r in records) else n
+    # n_truncated is None when a generation store predates truncation flags (unknown, not zero)
+    flags = [r.get("truncated") for r in records]
+    n_truncated = None if None in flags else sum(flags)
+    return {**summary(records), "n_truncated": n_truncated, "generation": settings}
 
 
 def write_records(path: str | Path, records: Sequence[dict]) -> None:
