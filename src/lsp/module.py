@@ -40,10 +40,11 @@ from torch import Tensor
 from lsp import advantages as adv
 from lsp import losses
 from lsp.chat import render_chat
+from lsp.engines import Engine, TorchEngine
 from lsp.logprobs import completion_logprobs, masked_sum
 from lsp.prompts import check_queries
 from lsp.records import QueryCheck, Rollout, SelfPlayBatch
-from lsp.rollout import SamplingConfig, autocast, generate
+from lsp.rollout import SamplingConfig, autocast
 
 log = logging.getLogger(__name__)
 HOOKS = ("on_challenger_rollout_end", "on_solver_rollout_end", "on_rewards_computed")
@@ -82,6 +83,8 @@ class LossStats:
     loss: float
     kl: float  # mean over sequences of the summed token log-ratio (the paper's k1 KL)
     tokens: int
+    # mean |log p_engine - log p_policy| over sampled tokens; None: the engine is the policy
+    logprob_gap: float | None = None
 
 
 class PhaseTimer:
@@ -114,7 +117,8 @@ def retain_freed_memory() -> bool:
 
 
 class SelfPlayModule(L.LightningModule):
-    def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer):
+    def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer,
+                 engines: dict[str, Engine] | None = None):
         super().__init__()
         self.policy = policy  # the only trainable submodule (and the only one checkpointed)
         # Frozen helpers are kept out of the module tree: not saved, not counted as parameters.
@@ -126,6 +130,9 @@ class SelfPlayModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.challenger_chat = render_chat(tokenizer, settings.challenger_prompt)
+        # role -> the engine that samples it (lsp.engines); both default to decoding on the policy.
+        default = TorchEngine(policy, tokenizer, settings.amp_dtype)
+        self.engines = {"challenger": default, "solver": default} | (engines or {})
 
     def on_fit_start(self) -> None:
         if self.settings.retain_freed_memory and self.device.type == "cpu":
@@ -174,7 +181,7 @@ class SelfPlayModule(L.LightningModule):
         s = self.settings
         with timer("challenger_generation"):
             prompts = [self.challenger_chat] * s.num_queries
-            challenger = generate(self.policy, self.tokenizer, prompts, s.challenger, s.amp_dtype)
+            challenger = self.engines["challenger"].generate(prompts, s.challenger)
         truncated = challenger.truncated if s.reject_truncated else None
         check = check_queries(challenger.completions, s.challenger_prompt, s.max_query_chars, truncated)
         sp = SelfPlayBatch(step=self.global_step + 1, challenger=challenger, check=check)
@@ -186,7 +193,7 @@ class SelfPlayModule(L.LightningModule):
         queries = sp.check.valid_queries
         prompts = [render_chat(self.tokenizer, q) for q in queries for _ in range(s.group_size)]
         with timer("solver_generation"):
-            sp.solver = generate(self.policy, self.tokenizer, prompts, s.solver, s.amp_dtype)
+            sp.solver = self.engines["solver"].generate(prompts, s.solver)
 
     def score(self, sp: SelfPlayBatch, timer: PhaseTimer) -> None:
         g = self.settings.group_size
@@ -229,8 +236,17 @@ class SelfPlayModule(L.LightningModule):
             stats = {role: self.backward_role(*r, refs[role]) for role, r in roles.items()}
         total = sum(st.loss * roles[role][2] for role, st in stats.items())
         with timer("optimizer"):
-            self.optimizer_step(opt, total)
+            stepped = self.optimizer_step(opt, total)
+        if stepped:
+            with timer("weight_push"):
+                self.push_weights()
         return stats
+
+    def push_weights(self) -> None:
+        """Give every engine that samples the policy its new weights (a no-op for engines that
+        decode on the policy itself): the next rollout comes from the current weights."""
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            engine.push(self.policy)
 
     def micro_batches(self, n: int):
         size = self.settings.micro_batch_size
@@ -256,7 +272,7 @@ class SelfPlayModule(L.LightningModule):
         s = self.settings
         mask = rollout.completion_mask.float()  # (B, C)
         n_seq, n_tok = mask.shape[0], mask.sum().item()
-        loss_sum, kl_sum = 0.0, 0.0
+        loss_sum, kl_sum, gap_sum = 0.0, 0.0, 0.0
         for mb in self.micro_batches(n_seq):
             with autocast(self.device, s.amp_dtype):
                 logp = completion_logprobs(
@@ -270,22 +286,29 @@ class SelfPlayModule(L.LightningModule):
             self.manual_backward(loss * weight)
             loss_sum += loss.item()
             kl_sum += masked_sum(logp.detach() - ref[mb], mask[mb], dim=-1).sum().item()
-        return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok))
+            if rollout.logprobs is not None:  # the engine's own log-probs of its samples
+                gap = (logp.detach() - rollout.logprobs[mb].to(logp)).abs()
+                gap_sum += masked_sum(gap, mask[mb]).item()
+        gap = gap_sum / max(n_tok, 1) if rollout.logprobs is not None else None
+        return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok),
+                         logprob_gap=gap)
 
-    def optimizer_step(self, opt, total_loss: float) -> None:
+    def optimizer_step(self, opt, total_loss: float) -> bool:
+        """One clipped optimiser step; False when a non-finite loss or gradient skipped it."""
         s = self.settings
         params = [p for p in self.policy.parameters() if p.grad is not None]
         # One pass over the gradients: their total norm is finite iff every gradient is.
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not (math.isfinite(total_loss) and torch.isfinite(norm)):
             self.skip_nonfinite(opt)
-            return
+            return False
         self.nonfinite_streak = 0
         self.grad_norm = norm
         if s.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(params, s.grad_clip, norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return True
 
     def skip_nonfinite(self, opt) -> None:
         opt.zero_grad(set_to_none=True)

@@ -65,7 +65,7 @@ from lsp.prompts import (
     render_reward_judge_prompt,
 )
 from lsp.records import RewardOutput
-from lsp.rollout import SamplingConfig, autocast, generate
+from lsp.rollout import SamplingConfig, autocast
 
 CUT_MARK = " [...]"
 CUT_MARGIN = 4  # tokens: re-tokenising cut text can shift a boundary by a few tokens
@@ -274,7 +274,8 @@ class QualitySelfReward(_DigitJudge):
 
     def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", mode: str = "generate",
                  batch_size: int = 8, max_new_tokens: int = 256, fallback: str = "batch_mean",
-                 max_length: int = 2048, min_score_mass: float = 0.01, amp: str | None = None):
+                 max_length: int = 2048, min_score_mass: float = 0.01, amp: str | None = None,
+                 engine: str = "lsp"):
         if mode not in ("logits", "generate"):
             raise ValueError(f"Unknown mode '{mode}': use logits or generate")
         if fallback not in FALLBACKS:
@@ -282,6 +283,9 @@ class QualitySelfReward(_DigitJudge):
         super().__init__(pool, model, dtype, batch_size, max_length, "<Score>",
                          QUALITY_MAX_SCORE, min_score_mass, amp)
         self.mode, self.max_new_tokens, self.fallback = mode, max_new_tokens, fallback
+        # generate mode decodes with `engine` (lsp.engines: lsp | hf | vllm), never pushed: the
+        # judge is frozen.
+        self.engine = pool.engine(engine, model, dtype, self.amp) if mode == "generate" else None
 
     def _user_message(self, instruction: str, response: str) -> str:
         return render_quality_prompt(instruction, response)
@@ -298,7 +302,7 @@ class QualitySelfReward(_DigitJudge):
         budget = max(self.max_length - self.max_new_tokens, 1)
         prompts = render_rows(self.tokenizer, render, instructions, responses, budget)
         cfg = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        texts = generate(self.model, self.tokenizer, prompts, cfg, self.amp, greedy=True).completions
+        texts = self.engine.generate(prompts, cfg, greedy=True).completions
         scores = [parse_quality_score(t, self.max_score) for t in texts]
         parsed = torch.tensor([s is not None for s in scores], dtype=torch.bool)  # (B,)
         values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)

@@ -12,7 +12,7 @@ top-k, then top-p, as transformers applies them):
   that has produced EOS leaves the batch (no work on padding); the next token is drawn by
   inverse-CDF sampling (one uniform per row; `torch.multinomial` draws one exponential per
   vocabulary entry, ~10 ms per step for 16 x 49k on this CPU). Needs a transformers (>= 5)
-  causal LM (`cache` and `logits_to_keep` arguments); other models fall back to `hf`.
+  causal LM (a KV-cache argument and `logits_to_keep`); other models fall back to `hf`.
 - `hf`: `model.generate`, with the model's own generation_config (a repetition penalty, min_p, ...
   shipped with the model) set aside for the call, so that it samples the same distribution.
 """
@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lsp.logprobs import prompt_groups
+from lsp.logprobs import cache_argument, prompt_groups
 from lsp.records import Rollout
 
 
@@ -78,7 +77,7 @@ def _generate_chunk(model, tokenizer, prompts, cfg, amp_dtype, greedy) -> Rollou
     enc = enc.to(model.device)
     eos = eos_ids(model, tokenizer)
     with autocast(model.device, amp_dtype):
-        if cfg.engine == "lsp" and _has_cache_interface(model):
+        if cfg.engine == "lsp" and cache_argument(model) is not None:
             completion = decode(model, enc["input_ids"], enc["attention_mask"], cfg, eos,
                                 tokenizer.pad_token_id, greedy)
         else:
@@ -123,11 +122,6 @@ def _plain_generation_config(model):
         model.generation_config = saved
 
 
-def _has_cache_interface(model) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return "cache" in params and "logits_to_keep" in params
-
-
 def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int], pad_id: int,
            greedy: bool = False) -> Tensor:
     """Left-padded prompts ids, mask (B, P) -> (B, C) sampled completion ids, C <= max_new_tokens,
@@ -139,7 +133,8 @@ def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int]
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P) positions count real tokens
     out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=pos[first],
                 use_cache=True, logits_to_keep=1)
-    cache = out.cache
+    name = cache_argument(model)
+    cache = getattr(out, name)
     cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
     reserve(cache, cfg.max_new_tokens)
     logits = out.logits[:, -1][groups]  # (B, V)
@@ -159,7 +154,7 @@ def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int]
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       cache=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **{name: cache}).logits[:, -1]
         next_pos = next_pos + 1
     return tokens[:, : t + 1]
 

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
-from lsp.evaluation.outputs import GenerationSettings, load_model, sample_answers
+from lsp.evaluation.outputs import GenerationSettings, load_engine, sample_answers
 from lsp.evaluation.selection import (
     Candidate,
     list_checkpoints,
@@ -33,11 +33,11 @@ def model_answers(settings: GenerationSettings, device: str, cache_dir: str | No
     """An answer function that loads each candidate in turn (one model in memory at a time)."""
 
     def answer(cand: Candidate, prompts: list[str]) -> list[str]:
-        model, tok = load_model(cand.path, settings.dtype, device, cache_dir)
+        engine, tok = load_engine(cand.path, settings, device, cache_dir)
         try:
-            return sample_answers(model, tok, prompts, settings)
+            return sample_answers(engine, tok, prompts, settings)
         finally:
-            del model
+            del engine
 
     return answer
 

@@ -23,6 +23,7 @@ from lsp.callbacks import latest_checkpoint
 from lsp.chat import set_chat_date
 from lsp.config import ConfigError, check_models, validate
 from lsp.data import SelfPlayData
+from lsp.engines import EnginePool, VLLMSettings
 from lsp.models import (
     ModelPool,
     ModelUnavailableError,
@@ -96,12 +97,17 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> Self
     if m.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     tokenizer = load_tokenizer(policy_path)
-    pool = ModelPool(device, m.cache_dir, attn_implementation=attn)
+    engines = EnginePool(device, VLLMSettings(**cfg.rollout.vllm))
+    pool = ModelPool(device, m.cache_dir, attn_implementation=attn, engines=engines)
     reference, _ = pool.causal_lm(m.reference, m.reference_dtype)
     reward, self_reward = build_rewards(cfg, pool)
     optimizer = instantiate(cfg.optim, _partial_=True)
-    return SelfPlayModule(policy, reference, tokenizer, reward, self_reward,
-                          settings_from(cfg, device), optimizer)
+    settings = settings_from(cfg, device)
+    # The policy's engine per role (one shared engine when both roles name the same kind).
+    roles = {role: engines.get(cfg.rollout[role].engine, policy, tokenizer, policy_path, m.dtype,
+                               settings.amp_dtype) for role in ("challenger", "solver")}
+    return SelfPlayModule(policy, reference, tokenizer, reward, self_reward, settings, optimizer,
+                          engines=roles)
 
 
 def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:

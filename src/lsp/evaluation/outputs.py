@@ -107,6 +107,7 @@ class GenerationSettings:
     dtype: str = "float32"
     amp: str = "none"
     seed: int = 0
+    engine: str = "lsp"  # lsp | hf | vllm (lsp.engines); like batch_size, not in the store's identity
 
     def __post_init__(self):
         # temperature 0 would divide the logits by zero; top_p 0 keeps no token at all
@@ -157,34 +158,40 @@ class Answer(str):
         return answer
 
 
-# (model, tokenizer, instructions, settings) -> completions; tests and callers may swap it.
+# (engine, tokenizer, instructions, settings) -> completions; tests and callers may swap it.
 Generator = Callable[[object, object, list[str], GenerationSettings], list[str]]
 
 
-def sample_answers(model, tokenizer, instructions: list[str], settings: GenerationSettings
+def sample_answers(engine, tokenizer, instructions: list[str], settings: GenerationSettings
                    ) -> list[Answer]:
-    """One chat answer per instruction (the instruction is the user message, as in the paper)."""
+    """One chat answer per instruction (the instruction is the user message, as in the paper),
+    sampled by `engine` (lsp.engines)."""
     import torch
 
     from lsp.chat import render_chat
-    from lsp.rollout import SamplingConfig, generate
+    from lsp.rollout import SamplingConfig
 
     torch.manual_seed(settings.seed)
     cfg = SamplingConfig(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-        top_p=settings.top_p, top_k=0, batch_size=settings.batch_size,
+        top_p=settings.top_p, top_k=0, batch_size=settings.batch_size, engine=settings.engine,
     )
     prompts = [render_chat(tokenizer, q) for q in instructions]
-    rollout = generate(model, tokenizer, prompts, cfg, amp_dtype(settings.amp, str(model.device)))
+    rollout = engine.generate(prompts, cfg)
     return [Answer.of(c.strip(), bool(t))
             for c, t in zip(rollout.completions, rollout.truncated.tolist(), strict=True)]
 
 
-def load_model(spec: str, dtype: str, device: str, cache_dir: str | None = None):
+def load_engine(spec: str, settings: GenerationSettings, device: str,
+                cache_dir: str | None = None):
+    """(engine, tokenizer) of the model `spec` for `settings.engine`."""
+    from lsp.engines import EnginePool
     from lsp.models import load_causal_lm, load_tokenizer, resolve_model
 
-    path = resolve_model(spec, cache_dir)
-    return load_causal_lm(path, dtype, resolve_device(device)), load_tokenizer(path)
+    path, device = resolve_model(spec, cache_dir), resolve_device(device)
+    model, tok = load_causal_lm(path, settings.dtype, device), load_tokenizer(path)
+    amp = amp_dtype(settings.amp, device)
+    return EnginePool(device).get(settings.engine, model, tok, path, settings.dtype, amp), tok
 
 
 def generate_outputs(
@@ -201,15 +208,16 @@ def generate_outputs(
     # date are not reused.
     meta = {"model": model_spec, **asdict(settings), "chat_date": chat_date()}
     meta.pop("batch_size")
+    meta.pop("engine")  # the same distribution from any engine
     store = OutputStore(store_dir, generator, meta)
     pending = [r for r in records if r["instruction"] not in store.records]
     if pending:
-        model, tok = load_model(model_spec, settings.dtype, device, cache_dir)
+        engine, tok = load_engine(model_spec, settings, device, cache_dir)
         pending.sort(key=lambda r: len(r["instruction"]), reverse=True)
         start = time.perf_counter()
         for i in range(0, len(pending), settings.batch_size):
             batch = pending[i : i + settings.batch_size]
-            answers = answer(model, tok, [r["instruction"] for r in batch], settings)
+            answers = answer(engine, tok, [r["instruction"] for r in batch], settings)
             outputs = as_model_outputs(
                 [{**r, "output": str(a)} for r, a in zip(batch, answers, strict=True)], generator)
             store.add([{**o, "truncated": getattr(a, "truncated", None)}
@@ -217,5 +225,5 @@ def generate_outputs(
             done, took = i + len(batch), time.perf_counter() - start
             print(f"[generate {generator}] {done}/{len(pending)} outputs, {took:.0f} s "
                   f"(ETA {took / done * (len(pending) - done):.0f} s)", flush=True)
-        del model
+        del engine
     return [store.records[r["instruction"]] for r in records]

