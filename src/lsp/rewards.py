@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from lsp.chat import render_chat, render_exchange
-from lsp.models import ModelPool, dtype_of
+from lsp.models import ModelPool, dtype_of, resolve_model
 from lsp.prompts import (
     QUALITY_MAX_SCORE,
     REWARD_MAX_SCORE,
@@ -285,7 +285,7 @@ class QualitySelfReward(_DigitJudge):
         self.mode, self.max_new_tokens, self.fallback = mode, max_new_tokens, fallback
         # generate mode decodes with `engine` (lsp.engines: lsp | hf | vllm), never pushed: the
         # judge is frozen.
-        self.engine = pool.engine(engine, model, dtype, self.amp) if mode == "generate" else None
+        self.engine = judge_engine(pool, engine, model, dtype, self.amp) if mode == "generate" else None
 
     def _user_message(self, instruction: str, response: str) -> str:
         return render_quality_prompt(instruction, response)
@@ -308,6 +308,17 @@ class QualitySelfReward(_DigitJudge):
         values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)
         values = fill_unparsed(values, parsed, self.fallback, self.max_score)
         return RewardOutput(values=values, parse_failed=~parsed, raw=texts)
+
+
+def judge_engine(pool: ModelPool, kind: str, spec: str, dtype: str, amp: torch.dtype | None):
+    """The generation engine (lsp.engines) of the frozen judge `spec`: from the run's engine
+    pool, so a judge and the reference that name one model share one engine; never pushed."""
+    from lsp.engines import EnginePool
+
+    if pool.engines is None:
+        pool.engines = EnginePool(pool.device)
+    model, tokenizer = pool.causal_lm(spec, dtype)
+    return pool.engines.get(kind, model, tokenizer, resolve_model(spec, pool.cache_dir), dtype, amp)
 
 
 class LengthReward:
