@@ -131,6 +131,25 @@ def test_paired_difference_hand_computed():
         ife.paired_difference(cand[:2], base, "loose")
 
 
+def test_seen_and_held_out_splits_hand_computed():
+    # Types t:1 (seen) and t:2 (held out). Prompt 0 has only t:1 -> seen; prompts 1 and 2 hold t:2
+    # -> held out. Candidate passes 0, 1, 2 (loose); base passes 0 only.
+    def row(key, ids, ok):
+        return {"key": key, "instruction_id_list": ids, "strict": [ok] * len(ids),
+                "loose": [ok] * len(ids)}
+
+    cand = [row(0, ["t:1"], True), row(1, ["t:1", "t:2"], True), row(2, ["t:2"], True)]
+    base = [row(0, ["t:1"], True), row(1, ["t:1", "t:2"], False), row(2, ["t:2"], False)]
+    parts = ife.split_by_types(cand, ["t:2"])
+    assert [r["key"] for r in parts["seen"]] == [0] and [r["key"] for r in parts["held_out"]] == [1, 2]
+    rep = ife.split_report(cand, ["t:2"], base, n_boot=500, seed=0)
+    assert rep["seen"]["n_prompts"] == 1 and rep["held_out"]["n_prompts"] == 2
+    assert rep["seen"]["vs_base"]["loose"]["difference"] == 0.0
+    held = rep["held_out"]["vs_base"]["loose"]  # both discordant prompts won: p = 2 * 0.5^2
+    assert held["difference"] == 1.0 and math.isclose(held["mcnemar_p"], 0.5)
+    assert ife.split_report(cand, [], None, 10, 0)["held_out"] == {"n_prompts": 0}
+
+
 def test_entry_point_end_to_end_on_a_tiny_model(compose_cfg, workdir):
     from lsp.ifeval import run
 

@@ -207,3 +207,39 @@ def test_a_prompt_file_with_a_self_play_algo_is_a_config_error(compose_cfg, work
     prompts.write_text("Say hello.\n")
     with pytest.raises(ConfigError, match="algo=lsp plays the Challenger"):
         validate(compose_cfg("experiment=smoke", "algo=lsp", f"rollout.prompt_file={prompts}"))
+
+
+class KeepBatches(RolloutHooks):
+    batches: list = []
+
+    def on_rewards_computed(self, trainer, module, batch) -> None:
+        KeepBatches.batches.append(batch)
+
+
+def test_the_constraint_environment_in_training(compose_cfg, workdir):
+    # reward=judge_constraints: every valid query reaches the Solver with k constraints appended
+    # (never a held-out type); R = 0.1 * judge + the fraction satisfied, each part logged.
+    from lsp.constraints import HELD_OUT_TYPES, constraint_score
+
+    cfg = compose_cfg("experiment=smoke", "reward=judge_constraints", "rollout.constraints.k=2",
+                      "reward.components.judge.reward.model=tiny:causal", "trainer.max_steps=2")
+    with open_dict(cfg):
+        cfg.callbacks["keep"] = {"_target_": f"{__name__}.KeepBatches"}
+    KeepBatches.batches.clear()
+    result = train(cfg)
+    g = cfg.rollout.group_size
+    for sp in KeepBatches.batches:
+        assert len(sp.constraints) == int(sp.check.valid.sum())
+        for i, (query, cs) in enumerate(zip(sp.check.valid_queries, sp.constraints, strict=True)):
+            assert len(cs) == 2 and not {c.instruction_id for c in cs} & set(HELD_OUT_TYPES)
+            assert sp.solver_queries[i].startswith(query.rstrip())
+            assert all(c.description in sp.solver.prompts[i * g] for c in cs)
+            fractions = torch.tensor([constraint_score(cs, a)
+                                      for a in sp.solver.completions[i * g : (i + 1) * g]])
+            torch.testing.assert_close(sp.reward_components["constraints"][i], fractions)
+        expected = 0.1 * sp.reward_components["judge"] + sp.reward_components["constraints"]
+        torch.testing.assert_close(sp.rewards, expected)
+    assert {"reward/judge_mean", "reward/constraints_mean"} <= set(result["metrics"])
+    # Each step draws new constraints (one seed per step from the torch RNG).
+    first, second = (sp.solver_queries for sp in KeepBatches.batches)
+    assert first != second

@@ -54,9 +54,20 @@ def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
         details["vs_base"] = {mode: ife.paired_difference(records, base, mode, cfg.ifeval.n_boot,
                                                           cfg.seed)
                               for mode in ("strict", "loose")}
+    details["splits"] = ife.split_report(records, held_out_types(cfg), base, cfg.ifeval.n_boot,
+                                         cfg.seed)
     atomic_write_json(folder / "details.json", details)
     atomic_write_json(folder / "metrics.json", ife.headline(details))
     return details
+
+
+def held_out_types(cfg: DictConfig) -> list[str]:
+    """The instruction types training never draws (ifeval.held_out; null: the training
+    default, lsp.constraints.HELD_OUT_TYPES)."""
+    from lsp.constraints import HELD_OUT_TYPES
+
+    chosen = OmegaConf.select(cfg, "ifeval.held_out")
+    return list(HELD_OUT_TYPES if chosen is None else chosen)
 
 
 def run(cfg: DictConfig) -> dict:

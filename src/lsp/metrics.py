@@ -39,6 +39,8 @@ def reward_metrics(sp: SelfPlayBatch) -> dict[str, float]:
     zero_std = sp.rewards.std(dim=1, correction=0) < 1e-6
     out["rollout/frac_zero_std_groups"] = zero_std.float().mean().item()
     out["judge/parse_failures"] = float(sp.judge_failures)
+    for name, values in sp.reward_components.items():  # a composite reward's parts, unweighted
+        out[f"reward/{name}_mean"] = values.float().mean().item()
     if sp.self_rewards is not None:
         out["self_reward/mean"] = sp.self_rewards.mean().item()
         out["self_reward/std"] = sp.self_rewards.std(correction=0).item()

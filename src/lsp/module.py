@@ -118,7 +118,7 @@ def retain_freed_memory() -> bool:
 
 class SelfPlayModule(L.LightningModule):
     def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer,
-                 engines: dict[str, Engine] | None = None):
+                 engines: dict[str, Engine] | None = None, constraints=None):
         super().__init__()
         self.policy = policy  # the only trainable submodule (and the only one checkpointed)
         # Frozen helpers are kept out of the module tree: not saved, not counted as parameters.
@@ -133,6 +133,9 @@ class SelfPlayModule(L.LightningModule):
         # role -> the engine that samples it (lsp.engines); both default to decoding on the policy.
         default = TorchEngine(policy, tokenizer, settings.amp_dtype)
         self.engines = {"challenger": default, "solver": default} | (engines or {})
+        # lsp.constraints.ConstraintSampler: the environment appends its instructions to every
+        # valid query (when the reward scores them); None: the Solver answers the query as is.
+        self.constraints = constraints
 
     def on_fit_start(self) -> None:
         if self.settings.retain_freed_memory and self.device.type == "cpu":
@@ -190,18 +193,37 @@ class SelfPlayModule(L.LightningModule):
 
     def solve(self, sp: SelfPlayBatch, timer: PhaseTimer) -> None:
         s = self.settings
-        queries = sp.check.valid_queries
+        queries = self.solver_queries(sp)
         prompts = [render_chat(self.tokenizer, q) for q in queries for _ in range(s.group_size)]
         with timer("solver_generation"):
             sp.solver = self.engines["solver"].generate(prompts, s.solver)
 
+    def solver_queries(self, sp: SelfPlayBatch) -> list[str]:
+        """The valid queries, each with the environment's constraints appended when it has any."""
+        from lsp.constraints import augment
+
+        queries = sp.check.valid_queries
+        if self.constraints is None:
+            return queries
+        # One seed per step from the torch RNG (seeded, and restored on resume).
+        self.constraints.reseed(int(torch.randint(2**62, (1,))))
+        sp.constraints = [self.constraints.sample(q) for q in queries]
+        sp.solver_queries = [augment(q, c) for q, c in zip(queries, sp.constraints, strict=True)]
+        return sp.solver_queries
+
     def score(self, sp: SelfPlayBatch, timer: PhaseTimer) -> None:
         g = self.settings.group_size
-        queries = sp.check.valid_queries
+        queries = sp.solver_queries or sp.check.valid_queries  # as the Solver saw them
         instructions = [q for q in queries for _ in range(g)]
+        reward = self.frozen["reward"]
+        extra = {}
+        if sp.constraints is not None:  # row i * G + j is scored against query i's constraints
+            extra["constraints"] = [c for c in sp.constraints for _ in range(g)]
         with timer("reward"):
-            out = self.frozen["reward"].score(instructions, sp.solver.completions)
+            out = reward.score(instructions, sp.solver.completions, **extra)
         sp.rewards = out.values.float().view(-1, g)  # (Nv, G)
+        sp.reward_components = {name: v.view(-1, g) for name, v in
+                                getattr(reward, "last_components", {}).items()}
         sp.judge_failures = int(out.parse_failed.sum())
         if self.frozen["self_reward"] is not None:
             with timer("self_reward"):

@@ -69,6 +69,10 @@ class SelfPlayBatch:
     solver_advantages: Tensor | None = None  # (N, G)
     challenger_advantages: Tensor | None = None  # (N,)
     judge_failures: int = 0  # unparseable judge outputs in this step (reward + self-reward)
+    # The constraint environment (lsp.constraints), when the reward scores constraints:
+    constraints: list | None = None  # Nv lists of Constraint appended to the valid queries
+    solver_queries: list[str] | None = None  # Nv queries as the Solver saw them (augmented)
+    reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (Nv, G)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
     @property

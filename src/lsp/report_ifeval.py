@@ -60,9 +60,34 @@ def section(results: dict[str, dict], names: list[str], png: Path | None) -> lis
             *("| " + " | ".join(r) + " |" for r in rows), ""]
     if missing:
         out += [f"Missing: {', '.join(missing)}.", ""]
+    out += split_table(results)
     if png:
         out += [f"![IFEval accuracy per instruction type]({png.name})", ""]
     return out
+
+
+def split_table(results: dict[str, dict]) -> list[str]:
+    """Prompts whose instruction types training may draw (seen) vs prompts with a type it never
+    draws (held out, lsp.constraints.HELD_OUT_TYPES): in-distribution and transfer."""
+    rows = []
+    for name, d in results.items():
+        for split in ("seen", "held_out"):
+            part = d.get("splits", {}).get(split)
+            if not part or not part.get("n_prompts"):
+                continue
+            rows.append([name, split.replace("_", "-"), str(part["n_prompts"]),
+                         _pm(part, "prompt_level_strict"), _pm(part, "prompt_level_loose"),
+                         _delta(part, "strict"), _delta(part, "loose")])
+    if not rows:
+        return []
+    held = next(d["splits"]["held_out_types"] for d in results.values() if "splits" in d)
+    header = ["Model", "types", "prompts", "prompt strict", "prompt loose", "Δ prompt strict",
+              "Δ prompt loose"]
+    return [f"By instruction type: seen = every instruction of the prompt is of a type the "
+            f"constraint reward may draw in training; held-out = at least one of the "
+            f"{len(held)} types it never draws ({', '.join(t.split(':')[-1] for t in held)}).",
+            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def plot_types(results: dict[str, dict], path: Path, colors: dict[str, str],

@@ -39,6 +39,8 @@ def train_config(params: DictConfig, arm: str) -> DictConfig:
     cfg.algo = spec.algo
     cfg.name, cfg.run_dir, cfg.resume, cfg.sweep_id = arm, str(train_dir(arm)), False, None
     keys = ["model.policy", "model.reference", "reward.model", "algo.self_reward.model"]
+    # a composite reward's model-backed components (lsp.constraints.CompositeReward)
+    keys += [f"reward.components.{n}.reward.model" for n in cfg.reward.get("components") or {}]
     use_prepared_base(cfg, params.model.policy, keys)
     start = init_model(params, arm)
     if start != str(BASE_MODEL):

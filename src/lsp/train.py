@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lsp.callbacks import latest_checkpoint
 from lsp.chat import set_chat_date
 from lsp.config import ConfigError, check_models, validate
+from lsp.constraints import HELD_OUT_TYPES, ConstraintSampler, accepts_constraints
 from lsp.data import SelfPlayData
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.models import (
@@ -103,11 +104,24 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> Self
     reward, self_reward = build_rewards(cfg, pool)
     optimizer = instantiate(cfg.optim, _partial_=True)
     settings = settings_from(cfg, device)
+    constraints = constraint_sampler(cfg, reward)
     # The policy's engine per role (one shared engine when both roles name the same kind).
     roles = {role: engines.get(cfg.rollout[role].engine, policy, tokenizer, policy_path, m.dtype,
                                settings.amp_dtype) for role in ("challenger", "solver")}
     return SelfPlayModule(policy, reference, tokenizer, reward, self_reward, settings, optimizer,
-                          engines=roles)
+                          engines=roles, constraints=constraints)
+
+
+def constraint_sampler(cfg: DictConfig, reward) -> ConstraintSampler | None:
+    """The constraint environment, when the reward scores constraints (conf/rollout)."""
+    if not accepts_constraints(reward):
+        return None
+    c = cfg.rollout.constraints
+    held_out = HELD_OUT_TYPES if c.held_out is None else list(c.held_out)
+    try:
+        return ConstraintSampler(k=int(c.k), held_out=held_out, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"invalid config: rollout.constraints: {err}") from err
 
 
 def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:

@@ -210,6 +210,34 @@ def paired_difference(candidate: Sequence[dict], base: Sequence[dict], mode: str
             "wins": wins, "losses": losses, "mcnemar_p": float(p)}
 
 
+def split_by_types(records: Sequence[dict], held_out: Sequence[str]) -> dict[str, list[dict]]:
+    """`seen`: prompts whose instructions are all of types training may draw; `held_out`: prompts
+    with at least one type training never draws (lsp.constraints.HELD_OUT_TYPES): in-distribution
+    and transfer, separately."""
+    out: dict[str, list[dict]] = {"seen": [], "held_out": []}
+    for r in records:
+        out["held_out" if set(r["instruction_id_list"]) & set(held_out) else "seen"].append(r)
+    return out
+
+
+def split_report(records: Sequence[dict], held_out: Sequence[str], base: Sequence[dict] | None,
+                 n_boot: int, seed: int) -> dict:
+    """Per split: the prompt-level figures with SEs and, with a base, the paired differences."""
+    parts = split_by_types(records, held_out)
+    base_parts = split_by_types(base, held_out) if base is not None else {}
+    out = {"held_out_types": sorted(held_out)}
+    for split, rows in parts.items():
+        if not rows:
+            out[split] = {"n_prompts": 0}
+            continue
+        figures = {k: v for k, v in summary(rows).items() if k != "per_type"}
+        if base is not None:
+            figures["vs_base"] = {m: paired_difference(rows, base_parts[split], m, n_boot, seed)
+                                  for m in ("strict", "loose")}
+        out[split] = figures
+    return out
+
+
 # ---------------------------------------------------------------- one model's evaluation
 
 
@@ -259,6 +287,18 @@ def headline(details: dict) -> dict:
     out = {k: details[k] for k in HEADLINE} | {f"{k}_se": details[f"{k}_se"] for k in HEADLINE}
     out |= {"n_prompts": details["n_prompts"], "n_truncated": details["n_truncated"]}
     for mode, d in details.get("vs_base", {}).items():
-        out[f"vs_base_prompt_{mode}"] = {"difference": d["difference"], "ci95_low": d["ci95"][0],
-                                         "ci95_high": d["ci95"][1], "mcnemar_p": d["mcnemar_p"]}
+        out[f"vs_base_prompt_{mode}"] = _difference(d)
+    for split in ("seen", "held_out"):
+        part = details.get("splits", {}).get(split)
+        if not part or not part.get("n_prompts"):
+            continue
+        out[split] = {"n_prompts": part["n_prompts"],
+                      **{k: part[k] for k in ("prompt_level_strict", "prompt_level_loose")}}
+        for mode, d in part.get("vs_base", {}).items():
+            out[split][f"vs_base_prompt_{mode}"] = _difference(d)
     return out
+
+
+def _difference(d: dict) -> dict:
+    return {"difference": d["difference"], "ci95_low": d["ci95"][0], "ci95_high": d["ci95"][1],
+            "mcnemar_p": d["mcnemar_p"]}
