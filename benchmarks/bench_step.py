@@ -180,6 +180,7 @@ def patch_trl_vllm_sync() -> None:
 
 
 def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -190,6 +191,8 @@ def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False) -> di
     if vllm:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # as lsp.engines: else vLLM drops torch to 1 thread for the whole (training) process
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         patch_trl_vllm_sync()
     length = LengthReward()
     tokens, prompt_tokens = [], []

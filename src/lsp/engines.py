@@ -77,6 +77,9 @@ def _vllm_env(settings: VLLMSettings) -> None:
     # Read by vLLM when an engine is built (vllm.envs is lazy), so setting them here suffices.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process: weights can be pushed
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
+    # Without OMP_NUM_THREADS, building a CPU engine drops torch to 1 thread "for serving" and
+    # then disables torch.set_num_threads: training in the same process would run on one core.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 class VLLMEngine:
@@ -92,13 +95,17 @@ class VLLMEngine:
                 f"or set the engine to lsp. ({err})"
             ) from err
         _vllm_env(settings)
+        config = _text_config(path)
         if device == "cpu":
-            _check_cpu_head_dim(path)
+            _check_cpu_head_dim(config, path)
+        # the setting, or the model's own context when shorter (vLLM refuses more)
+        max_len = min(settings.max_model_len,
+                      getattr(config, "max_position_embeddings", None) or settings.max_model_len)
         self.tokenizer = tokenizer
         start = time.perf_counter()
         kwargs = {} if device == "cpu" else {"gpu_memory_utilization": settings.gpu_memory_utilization}
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, enforce_eager=settings.enforce_eager,
-                       max_model_len=settings.max_model_len, logprobs_mode="processed_logprobs",
+                       max_model_len=max_len, logprobs_mode="processed_logprobs",
                        enable_prefix_caching=True, seed=int(torch.initial_seed() % 2**31),
                        **kwargs)
         self.eos = eos
@@ -157,12 +164,15 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
 
-def _check_cpu_head_dim(path: str) -> None:
-    """vLLM's CPU attention kernels refuse head dims below 32 deep inside the first generate
-    ("Unsupported CPU attention configuration"); say so before building the engine."""
+def _text_config(path: str):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path).get_text_config()
+    return AutoConfig.from_pretrained(path).get_text_config()
+
+
+def _check_cpu_head_dim(config, path: str) -> None:
+    """vLLM's CPU attention kernels refuse head dims below 32 deep inside the first generate
+    ("Unsupported CPU attention configuration"); say so before building the engine."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim < 32:
         raise ValueError(f"engine=vllm on CPU needs an attention head dim >= 32; {path} has "
