@@ -120,3 +120,22 @@ def test_a_self_play_continuation_is_judged_by_its_new_reference(tmp_path, monke
     assert cfg.algo.name == "lsp" and cfg.algo.self_reward.model == "ckpt" == cfg.model.reference
     assert cfg.model.reference_dtype == "bfloat16"
     assert cfg.reward.model == str(BASE_MODEL)  # the reward judge is not the policy's start
+
+
+def test_the_cpu_study_rewards_with_judge_and_constraints_and_s_switches_it(tmp_path):
+    # The embedded study's deviation (README): judge + verifiable constraints for both self-play
+    # arms, the judge reading the prepared base; `-S reward=...` switches it, study=paper keeps
+    # Skywork.
+    params = compose(tmp_path)
+    for arm in ("lsp", "lsp_zero"):
+        cfg = train_config(params, arm)
+        assert cfg.reward._target_ == "lsp.constraints.CompositeReward"
+        assert set(cfg.reward.components) == {"judge", "constraints"}
+        assert cfg.reward.components.judge.reward.model == str(BASE_MODEL)
+        assert cfg.rollout.solver.engine == cfg.rollout.challenger.engine == "vllm"
+    judge_only = train_config(compose(tmp_path, "reward=llm_judge"), "lsp")
+    assert judge_only.reward._target_ == "lsp.rewards.LLMJudgeReward"
+    paper = compose(tmp_path, "study=paper")
+    assert "Skywork" in paper.reward.model
+    switched = compose(tmp_path, "study=paper", "reward=judge_constraints")
+    assert switched.reward._target_ == "lsp.constraints.CompositeReward"
