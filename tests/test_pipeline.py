@@ -93,7 +93,11 @@ def test_smoke_study_end_to_end(clean_copy):
     prompts = (clean_copy / "artifacts/prompts/grpo.jsonl").read_text().splitlines()
     assert len(prompts) == 64  # the example set, none of it in AlpacaEval
     grpo_queries = {json.loads(r)["query"] for r in _lines(clean_copy / "artifacts/train/grpo/samples.jsonl")}
-    assert grpo_queries and grpo_queries <= {json.loads(p)["instruction"] for p in prompts}
+    # each a prompt of the set, with the constraint environment's instructions appended (the
+    # study's reward, judge_constraints, is every arm's)
+    instructions = [json.loads(p)["instruction"] for p in prompts]
+    assert grpo_queries and all(any(q.startswith(i.rstrip() + "\n\n") for i in instructions)
+                                for q in grpo_queries)
     chosen = json.loads((clean_copy / "artifacts/select/lsp/selection.json").read_text())["chosen"]
     started = OmegaConf.load(clean_copy / "artifacts/train/lsp_grpo/config.yaml")
     assert started.model.policy == started.model.reference == chosen["path"]

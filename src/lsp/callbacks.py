@@ -109,7 +109,7 @@ def sample_rows(sp: SelfPlayBatch, max_rows: int) -> list[dict]:
     """One row per (query, answer); degenerate queries get one row with no answer."""
     rows, g, k = [], sp.group_size, 0
     for i, (query, ok) in enumerate(zip(sp.check.queries, sp.check.valid.tolist(), strict=True)):
-        if ok and sp.solver_queries is not None:  # the query as the Solver saw it
+        if ok and getattr(sp, "solver_queries", None) is not None:  # as the Solver saw it
             query = sp.solver_queries[k]
         base = {"step": sp.step, "query_id": i, "query": query, "valid": ok,
                 "invalid_reason": sp.check.reasons[i],

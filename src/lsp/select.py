@@ -63,6 +63,35 @@ def run_reward_config(cfg: DictConfig) -> tuple[DictConfig, str]:
     return cfg.reward, "conf/reward (composed)"
 
 
+class ConstraintScorer:
+    """The training reward under the constraint environment (lsp.constraints): each augmented
+    validation prompt is scored against the constraints it was given."""
+
+    def __init__(self, scorer, constraints: dict[str, list]):
+        self.scorer, self.constraints = scorer, constraints
+
+    def score(self, instructions: list[str], responses: list[str]):
+        rows = [self.constraints[q] for q in instructions]
+        return self.scorer.score(instructions, responses, constraints=rows)
+
+
+def with_constraints(cfg: DictConfig, prompts: list[str], scorer):
+    """When the reward scores constraints, the validation prompts get them as training queries did
+    (the run's rollout.constraints: k, held-out types never drawn), drawn once with cfg.seed, so
+    every candidate answers the same augmented prompts. Otherwise unchanged."""
+    from lsp.constraints import HELD_OUT_TYPES, ConstraintSampler, accepts_constraints, augment
+
+    if not accepts_constraints(scorer):
+        return prompts, scorer
+    saved = Path(cfg.run_dir) / "config.yaml"
+    env = OmegaConf.select(OmegaConf.load(saved), "rollout.constraints") if saved.is_file() else None
+    k = int(env.k) if env is not None else 1
+    held_out = HELD_OUT_TYPES if env is None or env.held_out is None else list(env.held_out)
+    sampler = ConstraintSampler(k=k, held_out=held_out, seed=cfg.seed)
+    drawn = {augment(q, c): c for q in prompts for c in [sampler.sample(q)]}
+    return list(drawn), ConstraintScorer(scorer, drawn)
+
+
 def select(cfg: DictConfig, scorer=None) -> dict:
     from lsp.models import ModelPool
 
@@ -75,6 +104,7 @@ def select(cfg: DictConfig, scorer=None) -> dict:
     device = resolve_device(cfg.device)
     if scorer is None:
         scorer = hydra.utils.instantiate(reward_cfg, pool=ModelPool(device, cfg.model.cache_dir))
+    prompts, scorer = with_constraints(cfg, prompts, scorer)
     gen = OmegaConf.to_container(cfg.generation, resolve=True)
     answer = model_answers(GenerationSettings(**gen, seed=cfg.seed), device, cfg.model.cache_dir)
     extra = {"run_dir": str(cfg.run_dir), "reward": OmegaConf.to_container(reward_cfg, resolve=True),
