@@ -76,3 +76,25 @@ def test_validation_prompts_are_ours_not_alpaca_eval():
         alpaca = {r["instruction"].strip().lower() for r in json.loads(shared.read_text())}
         assert not alpaca & {p.strip().lower() for p in prompts}
 
+
+
+def test_selection_under_the_constraint_environment(tmp_path):
+    # A reward that scores constraints: every validation prompt gets seeded constraints (never a
+    # held-out type), and each answer is scored against its own prompt's.
+    from omegaconf import OmegaConf
+
+    from lsp.constraints import HELD_OUT_TYPES, ConstraintReward, constraint_score
+    from lsp.select import with_constraints
+
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "seed": 0})
+    prompts = ["Name a fruit.", "Describe the sea."]
+    shown, scorer = with_constraints(cfg, prompts, ConstraintReward())
+    assert [s.split("\n\n")[0] for s in shown] == prompts
+    drawn = [scorer.constraints[s] for s in shown]
+    assert all(len(c) == 1 and c[0].instruction_id not in HELD_OUT_TYPES for c in drawn)
+    out = scorer.score(shown[::-1], ["an apple", "blue, wide"])
+    expected = [constraint_score(drawn[1], "an apple"), constraint_score(drawn[0], "blue, wide")]
+    assert out.values.tolist() == expected
+    assert with_constraints(cfg, prompts, ConstraintReward())[0] == shown  # same seed, same draw
+    plain = object.__new__(type("Plain", (), {"score": lambda self, i, r: None}))
+    assert with_constraints(cfg, prompts, plain) == (prompts, plain)
