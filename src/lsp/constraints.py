@@ -197,6 +197,15 @@ class ConstraintSampler:
         self.k = k
         self._rng = random.Random(seed)
 
+    @classmethod
+    def from_config(cls, env, seed: int | None) -> ConstraintSampler:
+        """From a `rollout.constraints` node ({k, held_out}; held_out null: HELD_OUT_TYPES);
+        None (a run saved before the environment existed): k=1 and the default types."""
+        if env is None:
+            return cls(k=1, seed=seed)
+        held_out = HELD_OUT_TYPES if env.get("held_out") is None else list(env["held_out"])
+        return cls(k=int(env["k"]), held_out=held_out, seed=seed)
+
     def reseed(self, seed: int) -> None:
         """Restart the draws from `seed` (the trainer draws one per step from the torch RNG, which
         checkpoints restore, so a resumed run draws the constraints it would have drawn)."""

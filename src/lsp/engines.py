@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 
 from lsp.records import Rollout
-from lsp.rollout import SamplingConfig, completion_mask, eos_ids, generate
+from lsp.rollout import SamplingConfig, eos_ids, generate
 
 log = logging.getLogger(__name__)
 ENGINES = ("lsp", "hf", "vllm")
@@ -123,11 +123,11 @@ class VLLMEngine:
 
         # One seed per request from the torch RNG: seeded runs repeat, and resume (whose RNG state
         # the checkpoint restores) continues the same stream.
-        seeds = torch.randint(2**31 - 1, (n,)).tolist()
         base = {"max_tokens": cfg.max_new_tokens, "logprobs": 0, "stop_token_ids": self.eos,
                 "skip_special_tokens": True}
-        if greedy:
+        if greedy:  # no randomness: draw no seeds (the torch RNG stream stays as it was)
             return [SamplingParams(temperature=0.0, **base)] * n
+        seeds = torch.randint(2**31 - 1, (n,)).tolist()
         return [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                seed=s, **base) for s in seeds]
 
@@ -135,15 +135,16 @@ class VLLMEngine:
         pad = self.tokenizer.pad_token_id
         width = max(1, max(len(o.token_ids) for o in outputs))
         ids = torch.full((len(outputs), width), pad, dtype=torch.long)  # (B, C)
+        mask = torch.zeros(len(outputs), width, dtype=torch.long)  # (B, C)
         logprobs = torch.zeros(len(outputs), width)  # (B, C)
         for i, o in enumerate(outputs):
+            # vLLM's token_ids end at the stop token (included) or at the length limit: the
+            # mask is their count, whatever padding follows (pad may equal EOS).
             ids[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+            mask[i, : len(o.token_ids)] = 1
             lps = [next(iter(d.values())).logprob for d in (o.logprobs or [])]
             logprobs[i, : len(lps)] = torch.tensor(lps)
-        mask, ended = completion_mask(ids, self.eos)
-        if not any(len(o.token_ids) for o in outputs):  # no token at all: an empty completion
-            mask.zero_()
-        ids = torch.where(mask.bool(), ids, pad)
+        ended = torch.tensor([o.finish_reason == "stop" for o in outputs])  # (B,) EOS reached
         return Rollout(
             sequences=torch.cat([enc["input_ids"], ids], dim=1),
             attention_mask=torch.cat([enc["attention_mask"], mask], dim=1),

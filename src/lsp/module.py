@@ -40,6 +40,7 @@ from torch import Tensor
 from lsp import advantages as adv
 from lsp import losses
 from lsp.chat import render_chat
+from lsp.constraints import augment
 from lsp.engines import Engine, TorchEngine
 from lsp.logprobs import completion_logprobs, masked_sum
 from lsp.prompts import check_queries
@@ -200,8 +201,6 @@ class SelfPlayModule(L.LightningModule):
 
     def solver_queries(self, sp: SelfPlayBatch) -> list[str]:
         """The valid queries, each with the environment's constraints appended when it has any."""
-        from lsp.constraints import augment
-
         queries = sp.check.valid_queries
         if self.constraints is None:
             return queries

@@ -79,15 +79,13 @@ def with_constraints(cfg: DictConfig, prompts: list[str], scorer):
     """When the reward scores constraints, the validation prompts get them as training queries did
     (the run's rollout.constraints: k, held-out types never drawn), drawn once with cfg.seed, so
     every candidate answers the same augmented prompts. Otherwise unchanged."""
-    from lsp.constraints import HELD_OUT_TYPES, ConstraintSampler, accepts_constraints, augment
+    from lsp.constraints import ConstraintSampler, accepts_constraints, augment
 
     if not accepts_constraints(scorer):
         return prompts, scorer
     saved = Path(cfg.run_dir) / "config.yaml"
     env = OmegaConf.select(OmegaConf.load(saved), "rollout.constraints") if saved.is_file() else None
-    k = int(env.k) if env is not None else 1
-    held_out = HELD_OUT_TYPES if env is None or env.held_out is None else list(env.held_out)
-    sampler = ConstraintSampler(k=k, held_out=held_out, seed=cfg.seed)
+    sampler = ConstraintSampler.from_config(env, cfg.seed)
     drawn = {augment(q, c): c for q in prompts for c in [sampler.sample(q)]}
     return list(drawn), ConstraintScorer(scorer, drawn)
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lsp.callbacks import latest_checkpoint
 from lsp.chat import set_chat_date
 from lsp.config import ConfigError, check_models, validate
-from lsp.constraints import HELD_OUT_TYPES, ConstraintSampler, accepts_constraints
+from lsp.constraints import ConstraintSampler, accepts_constraints
 from lsp.data import SelfPlayData
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.models import (
@@ -116,10 +116,8 @@ def constraint_sampler(cfg: DictConfig, reward) -> ConstraintSampler | None:
     """The constraint environment, when the reward scores constraints (conf/rollout)."""
     if not accepts_constraints(reward):
         return None
-    c = cfg.rollout.constraints
-    held_out = HELD_OUT_TYPES if c.held_out is None else list(c.held_out)
     try:
-        return ConstraintSampler(k=int(c.k), held_out=held_out, seed=cfg.seed)
+        return ConstraintSampler.from_config(cfg.rollout.constraints, cfg.seed)
     except ValueError as err:
         raise ConfigError(f"invalid config: rollout.constraints: {err}") from err
 
