@@ -47,3 +47,24 @@ def test_series_labels_name_the_kl_options_the_sweep_varies():
     same = [{"algo": a, "kl_placement": "reward", "kl_estimator": "k1"} for a in ("lsp", "lsp_zero")]
     label_series(same)
     assert [r["series"] for r in same] == ["lsp", "lsp_zero"]
+
+
+def test_parallel_local_sweep_keeps_the_sweep_tags(tmp_path):
+    """hydra/launcher=local_parallel (joblib, 2 jobs at once, one SQLite store): both runs land,
+    tagged with the sweep id, and the summary run is written."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lsp.train", "-m", "hydra/launcher=local_parallel",
+           "experiment=smoke", "algo.beta=0,0.1", "trainer.max_steps=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep_dir,) = list((tmp_path / "multirun").iterdir())
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lsp")
+    runs = client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep_dir.name}'")
+    jobs = [r for r in runs if r.data.tags.get("sweep_summary") != "true"]
+    assert sorted(float(r.data.params["algo/beta"]) for r in jobs) == [0.0, 0.1]
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    assert len([r for r in runs if r.data.tags.get("sweep_summary") == "true"]) == 1
+    a, b = (r.info for r in jobs)  # the two jobs ran at the same time
+    assert a.start_time < b.end_time and b.start_time < a.end_time

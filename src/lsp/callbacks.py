@@ -55,7 +55,9 @@ def latest_checkpoint(dirpath: str | Path) -> Path | None:
 class HFCheckpoint(Callback):
     """Every n steps: the policy as a Hugging Face folder (loads with from_pretrained), plus the
     Lightning state (optimiser, step counters, RNG, callback state) for resuming. Written into a
-    temporary folder and renamed into place, so a killed run never leaves a half checkpoint."""
+    temporary folder and renamed into place, so a killed run never leaves a half checkpoint.
+    Several ranks: every rank takes part (Lightning's save gathers state and waits at a barrier),
+    rank 0 alone writes, and the decisions (skip, folder name) are rank 0's, broadcast."""
 
     def __init__(self, every_n_steps: int = 50, keep_last: int = 2, keep_steps=(),
                  keep_every_n_steps: int | None = None, dirpath: str | None = None):
@@ -76,13 +78,17 @@ class HFCheckpoint(Callback):
 
     def save(self, trainer, module, step: int) -> Path:
         final = self.dirpath / f"step_{step:06d}"
-        if (final / MARKER).exists():
+        writer = trainer.is_global_zero
+        if trainer.strategy.broadcast((final / MARKER).exists()):
             return final
-        tmp = self.dirpath / f".tmp-step_{step:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.policy.save_pretrained(tmp)
-        module.tokenizer.save_pretrained(tmp)
-        trainer.save_checkpoint(tmp / "trainer_state.ckpt")
+        tmp = Path(trainer.strategy.broadcast(str(self.dirpath / f".tmp-step_{step:06d}-{os.getpid()}")))
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            module.policy.save_pretrained(tmp)
+            module.tokenizer.save_pretrained(tmp)
+        trainer.save_checkpoint(tmp / "trainer_state.ckpt")  # every rank; rank 0 writes
+        if not writer:
+            return final
         _, run_id = _mlflow(trainer)
         info = {"step": step, "time": time.time(), "mlflow_run_id": run_id,
                 "metrics": getattr(module, "last_metrics", {})}
@@ -142,8 +148,8 @@ class SampleTable(RolloutHooks):
         self.path = Path(path) if path else None
 
     def on_rewards_computed(self, trainer, module, batch: SelfPlayBatch) -> None:
-        step = batch.step
-        if step % self.every_n_steps and step != 1:
+        step = batch.step  # the global batch: rank 0 writes it
+        if (step % self.every_n_steps and step != 1) or not trainer.is_global_zero:
             return
         rows = sample_rows(batch, self.max_rows)
         if self.path is not None:
@@ -249,7 +255,7 @@ class MetricsHistory(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         metrics = getattr(pl_module, "last_metrics", None)
-        if not metrics or self.path is None:
+        if not metrics or self.path is None or not trainer.is_global_zero:
             return
         if self.columns is None:
             self.columns = self._existing_columns() or ["step", *sorted(metrics)]

@@ -78,6 +78,10 @@ RULES = [
      "the date chat templates see: a non-empty string such as '26 Jul 2024'"),
     ("trainer.max_steps", lambda v: int(v) >= 1, "must be >= 1"),
     ("trainer.micro_batch_size", lambda v: int(v) >= 1, "must be >= 1"),
+    ("trainer.num_nodes", lambda v: int(v) >= 1, "must be >= 1"),
+    # mixed precision is model.amp (lsp.rollout.autocast: the rollout and log-prob passes too);
+    # Lightning's *-mixed plugins would autocast only part of the step
+    ("trainer.precision", *_one_of(("32-true", "32", "bf16-true", "16-true"))),
 ]
 
 
@@ -95,6 +99,9 @@ def validate(cfg: DictConfig) -> None:
         # the prompt file replaces the Challenger: only the GRPO baseline may have one
         raise ConfigError(f"invalid config: rollout.prompt_file is set but algo={cfg.algo.name} "
                           "plays the Challenger; use algo=grpo or unset rollout.prompt_file")
+    strategies = ["auto", *(_get(cfg, "trainer.strategies") or {})]
+    _require(cfg, "trainer.strategy", lambda v: v in strategies,
+             f"expected one of {strategies} (trainer.strategies)")
     for key in ("model.policy", "model.reference", "reward.model", "reward._target_"):
         _require(cfg, key, lambda v: bool(v), "must name a model / class")
 

@@ -17,6 +17,13 @@ Departures from / choices beyond the paper (each a named option in conf/):
 - `trainer.micro_batch_size` splits the forward/backward; every micro-batch is normalised by the
   full step's counts, so the update equals the full-batch one.
 
+Data parallel (`trainer.strategy=ddp`, `lsp.distributed`): every rank plays its share of the
+step's queries; the ranks' batches are gathered into the global batch, on which advantages,
+hooks' `on_rewards_computed` and metrics are computed identically on every rank; each rank then
+back-propagates its own rows under the global normalisers and the gradients are summed once.
+`on_challenger_rollout_end` / `on_solver_rollout_end` see the rank's own batch. On one process
+the global batch is the rank's batch (the same object) and nothing is communicated.
+
 Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
 prompt once in the reference and training passes (`lsp.logprobs`); the finite-gradient check is
 the gradient norm (one pass); `retain_freed_memory` keeps glibc from returning the step's
@@ -38,7 +45,7 @@ import torch
 from torch import Tensor
 
 from lsp import advantages as adv
-from lsp import losses
+from lsp import distributed, losses
 from lsp.chat import render_chat
 from lsp.constraints import augment
 from lsp.engines import Engine, TorchEngine
@@ -154,24 +161,44 @@ class SelfPlayModule(L.LightningModule):
 
     # ---- one step -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
+        if getattr(self, "pending_rng", None) is not None:  # resumed: the checkpoint's stream
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None
         timer = PhaseTimer()
         start = time.perf_counter()
-        sp = self.play(timer)
-        stats = self.learn(sp, timer)
-        sp.timings = timer.seconds | {"step": time.perf_counter() - start}
-        self.log_step(sp, stats)
+        sp, full = self.play(timer)
+        stats = self.learn(sp, full, timer)
+        # this rank's phase times (rank 0 logs them); tokens/s counts the global batch
+        full.timings = timer.seconds | {"step": time.perf_counter() - start}
+        self.log_step(full, stats)
         return None
 
-    def play(self, timer: PhaseTimer) -> SelfPlayBatch:
+    def play(self, timer: PhaseTimer) -> tuple[SelfPlayBatch, SelfPlayBatch]:
+        """(this rank's batch, the global batch of every rank, identical on all ranks)."""
         self.policy.eval()  # no dropout while sampling
         sp = self.challenge(timer) if self.settings.prompt_queries is None else self.from_prompts()
         if sp.check.valid.any():
             self.solve(sp, timer)
             self.call_hooks("on_solver_rollout_end", sp)
             self.score(sp, timer)
-        self.assign_advantages(sp)
-        self.call_hooks("on_rewards_computed", sp)
-        return sp
+        with timer("gather"):
+            parts = distributed.gather_batches(sp)
+            full = distributed.merge_batches(parts, self.tokenizer.pad_token_id)
+        self.assign_advantages(full)
+        if full is not sp:
+            self.take_rows(sp, full, parts)
+        self.call_hooks("on_rewards_computed", full)
+        return sp, full
+
+    @staticmethod
+    def take_rows(sp: SelfPlayBatch, full: SelfPlayBatch, parts: list[SelfPlayBatch]) -> None:
+        """This rank's share of the global batch's advantages and rewards."""
+        queries, valid = distributed.rank_rows(parts, distributed.rank())
+        sp.challenger_advantages = full.challenger_advantages[queries]
+        sp.challenger_reward = full.challenger_reward[queries]
+        if sp.solver is not None:
+            sp.solver_advantages = full.solver_advantages[valid]
+            sp.solver_reward = full.solver_reward[valid]
 
     def from_prompts(self) -> SelfPlayBatch:
         """The data-driven GRPO baseline: N queries drawn from the prompt file (global torch RNG,
@@ -239,22 +266,32 @@ class SelfPlayModule(L.LightningModule):
         sp.solver_reward, sp.challenger_reward = out.solver_reward, out.challenger_reward
 
     # ---- learning ---------------------------------------------------------------------------
-    def learn(self, sp: SelfPlayBatch, timer: PhaseTimer) -> dict[str, LossStats]:
+    def learn(self, sp: SelfPlayBatch, full: SelfPlayBatch, timer: PhaseTimer
+              ) -> dict[str, LossStats]:
+        """Back-propagate this rank's rows (`sp`) normalised by the global batch's counts
+        (`full`), sum the gradients over the ranks, step. The roles come from the global batch,
+        so every rank makes the same collective calls, with or without rows of its own."""
         s = self.settings
         self.policy.train()
-        roles = {}  # role -> (rollout, advantages, loss weight, sampling temperature)
-        if sp.challenger is not None:
+        roles = {}  # role -> (local rollout or None, advantages, loss weight, temperature, counts)
+        if full.challenger is not None:
             roles["challenger"] = (sp.challenger, sp.challenger_advantages, s.alpha_ch,
-                                   s.challenger.temperature)
-        if sp.solver is not None:
-            roles["solver"] = (sp.solver, sp.solver_advantages.flatten(), 1.0,
-                               s.solver.temperature)
+                                   s.challenger.temperature, counts(full.challenger))
+        if full.solver is not None:
+            advantages = None if sp.solver is None else sp.solver_advantages.flatten()
+            roles["solver"] = (sp.solver, advantages, 1.0, s.solver.temperature,
+                               counts(full.solver))
         with timer("reference_logprobs"):
-            refs = {role: self.reference_logprobs(r[0], r[3]) for role, r in roles.items()}
+            refs = {role: self.reference_logprobs(r[0], r[3]) for role, r in roles.items()
+                    if r[0] is not None}
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         with timer("forward_backward"):
-            stats = {role: self.backward_role(*r, refs[role]) for role, r in roles.items()}
+            stats = {role: self.backward_role(*r, refs.get(role)) for role, r in roles.items()}
+        if distributed.world_size() > 1:
+            with timer("gradient_sync"):
+                distributed.sync_gradients([p for p in self.policy.parameters()
+                                            if p.requires_grad])
         total = sum(st.loss * roles[role][2] for role, st in stats.items())
         with timer("optimizer"):
             stepped = self.optimizer_step(opt, total)
@@ -286,15 +323,18 @@ class SelfPlayModule(L.LightningModule):
             ]
         return torch.cat(parts).float()  # (B, C)
 
-    def backward_role(self, rollout: Rollout, advantages: Tensor, weight: float,
-                      temperature: float, ref: Tensor):
+    def backward_role(self, rollout: Rollout | None, advantages: Tensor | None, weight: float,
+                      temperature: float, counts: tuple[int, int], ref: Tensor | None):
         # Log-probs under the distribution that sampled the tokens (logits / temperature), so the
         # gradient is on-policy; top-k / top-p are refused at the config boundary (lsp.config).
+        # counts: the global batch's (sequences, completion tokens) of this role: each rank's
+        # loss is its share of the global one, and the ranks' gradients sum to it.
         s = self.settings
-        mask = rollout.completion_mask.float()  # (B, C)
-        n_seq, n_tok = mask.shape[0], mask.sum().item()
-        loss_sum, kl_sum, gap_sum = 0.0, 0.0, 0.0
-        for mb in self.micro_batches(n_seq):
+        n_seq, n_tok = counts
+        loss_sum, kl_sum, gap_sum, has_gap = 0.0, 0.0, 0.0, 0.0
+        local = 0 if rollout is None else rollout.sequences.shape[0]
+        mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
+        for mb in self.micro_batches(local):
             with autocast(self.device, s.amp_dtype):
                 logp = completion_logprobs(
                     self.policy, rollout.sequences[mb], rollout.attention_mask[mb],
@@ -310,7 +350,11 @@ class SelfPlayModule(L.LightningModule):
             if rollout.logprobs is not None:  # the engine's own log-probs of its samples
                 gap = (logp.detach() - rollout.logprobs[mb].to(logp)).abs()
                 gap_sum += masked_sum(gap, mask[mb]).item()
-        gap = gap_sum / max(n_tok, 1) if rollout.logprobs is not None else None
+                has_gap = 1.0
+        # one collective per role on every rank: the global loss, KL and engine gap
+        loss_sum, kl_sum, gap_sum, has_gap = distributed.all_reduce_sum(
+            [loss_sum, kl_sum, gap_sum, has_gap])
+        gap = gap_sum / max(n_tok, 1) if has_gap else None
         return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok),
                          logprob_gap=gap)
 
@@ -365,9 +409,12 @@ class SelfPlayModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Policy weights travel as a Hugging Face folder beside this file (HFCheckpoint);
-        # keeping them out of the Lightning file avoids storing them twice.
+        # keeping them out of the Lightning file avoids storing them twice. Every rank's RNG
+        # state (called on every rank; rank 0 writes the file), so a resume continues each
+        # rank's own stream.
         checkpoint["state_dict"] = {}
-        checkpoint["lsp"] = {"nonfinite_total": self.nonfinite_total, "rng": rng_state()}
+        checkpoint["lsp"] = {"nonfinite_total": self.nonfinite_total,
+                             "rng": distributed.gather_objects(rng_state())}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The policy was loaded from the checkpoint's HF folder before fit(); Lightning's strict
@@ -375,8 +422,23 @@ class SelfPlayModule(L.LightningModule):
         checkpoint["state_dict"] = self.state_dict()
         extra = checkpoint.get("lsp", {})
         self.nonfinite_total = extra.get("nonfinite_total", 0)
-        if "rng" in extra:
-            set_rng_state(extra["rng"])
+        states = extra.get("rng")
+        if isinstance(states, dict):  # written by one process before per-rank states
+            states = [states]
+        if states and len(states) == distributed.world_size():
+            # applied at the next step's start, not now: Lightning draws from the torch RNG
+            # between this restore and the first batch (the data loader's base seed), which
+            # would shift every later sample against an uninterrupted run
+            self.pending_rng = states[distributed.rank()]
+        elif states:
+            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: the ranks "
+                        "keep their fresh seeds (rollouts differ from an uninterrupted run)",
+                        len(states), distributed.world_size())
+
+
+def counts(rollout: Rollout) -> tuple[int, int]:
+    """(sequences, completion tokens) of a rollout: the loss normalisers of its role."""
+    return rollout.sequences.shape[0], int(rollout.completion_mask.sum())
 
 
 def rng_state() -> dict:

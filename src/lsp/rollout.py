@@ -260,4 +260,6 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         prompts=[s for r in parts for s in r.prompts],
         completions=[s for r in parts for s in r.completions],
         truncated=torch.cat([r.truncated for r in parts]),
+        logprobs=None if any(r.logprobs is None for r in parts) else torch.cat(
+            [_pad_to(r.logprobs, c, 0.0, False) for r in parts]),
     )

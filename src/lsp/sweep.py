@@ -151,6 +151,17 @@ class SweepSummary(Callback):
         self.last_k = last_k
         self.curves = list(curves or DEFAULT_CURVES)
 
+    def on_multirun_start(self, config, **kwargs) -> None:
+        """Create the tracking store and the experiment once, before any job starts: parallel
+        jobs (hydra/launcher=local_parallel) would otherwise race to create the SQLite schema
+        ("table already exists") and the experiment."""
+        lg = config.logger
+        client = MlflowClient(lg.tracking_uri)
+        if client.get_experiment_by_name(lg.experiment_name) is None:
+            location = lg.artifact_location
+            client.create_experiment(lg.experiment_name, artifact_location=(
+                Path(location).resolve().as_uri() if location else None))
+
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         tracking_uri = config.logger.tracking_uri

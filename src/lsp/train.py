@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -24,6 +25,7 @@ from lsp.chat import set_chat_date
 from lsp.config import ConfigError, check_models, validate
 from lsp.constraints import ConstraintSampler, accepts_constraints
 from lsp.data import SelfPlayData
+from lsp.distributed import rank_seed
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.models import (
     ModelPool,
@@ -62,11 +64,13 @@ def run_directory(cfg: DictConfig) -> Path:
     return Path("outputs", cfg.name, time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
-def settings_from(cfg: DictConfig, device: str) -> SelfPlaySettings:
+def settings_from(cfg: DictConfig, device: str, world_size: int = 1) -> SelfPlaySettings:
+    """The module's settings; `num_queries` is the global count, each of the `world_size` ranks
+    plays its share (lsp.config refuses a count that does not divide)."""
     a, r = cfg.algo, cfg.rollout
     prompt = render_challenger_prompt(r.task or DEFAULT_TASK, r.template or DEFAULT_TEMPLATE)
     return SelfPlaySettings(
-        num_queries=r.num_queries, group_size=r.group_size, challenger_prompt=prompt,
+        num_queries=r.num_queries // world_size, group_size=r.group_size, challenger_prompt=prompt,
         challenger=SamplingConfig(**r.challenger), solver=SamplingConfig(**r.solver),
         max_query_chars=r.max_query_chars, reject_truncated=r.reject_truncated, beta=a.beta,
         kl_estimator=a.kl_estimator, kl_placement=a.kl_placement, aggregation=a.aggregation,
@@ -89,7 +93,8 @@ def build_rewards(cfg: DictConfig, pool: ModelPool):
     return reward, instantiate(sr, pool=pool)
 
 
-def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> SelfPlayModule:
+def build_module(cfg: DictConfig, device: str, resume_from: Path | None,
+                 world_size: int = 1) -> SelfPlayModule:
     m = cfg.model
     # Resuming: the policy comes from the checkpoint; the reference stays the initial model.
     policy_path = str(resume_from) if resume_from else resolve_model(m.policy, m.cache_dir)
@@ -103,7 +108,7 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None) -> Self
     reference, _ = pool.causal_lm(m.reference, m.reference_dtype)
     reward, self_reward = build_rewards(cfg, pool)
     optimizer = instantiate(cfg.optim, _partial_=True)
-    settings = settings_from(cfg, device)
+    settings = settings_from(cfg, device, world_size)
     constraints = constraint_sampler(cfg, reward)
     # The policy's engine per role (one shared engine when both roles name the same kind).
     roles = {role: engines.get(cfg.rollout[role].engine, policy, tokenizer, policy_path, m.dtype,
@@ -120,6 +125,23 @@ def constraint_sampler(cfg: DictConfig, reward) -> ConstraintSampler | None:
         return ConstraintSampler.from_config(cfg.rollout.constraints, cfg.seed)
     except ValueError as err:
         raise ConfigError(f"invalid config: rollout.constraints: {err}") from err
+
+
+def check_world(cfg: DictConfig, world: int) -> None:
+    """What several processes need that one does not (the rest: lsp.config)."""
+    if world == 1:
+        return
+    if cfg.rollout.num_queries % world:
+        raise ConfigError(f"invalid config: rollout.num_queries={cfg.rollout.num_queries} is the "
+                          f"global count per step and must divide by the {world} processes")
+    engines = {f"rollout.{r}.engine": cfg.rollout[r].engine for r in ("challenger", "solver")}
+    if cfg.algo.self_reward.get("engine"):
+        engines["algo.self_reward.engine"] = cfg.algo.self_reward.engine
+    vllm = [k for k, v in engines.items() if v == "vllm"]
+    if vllm:
+        raise ConfigError(f"invalid config: {', '.join(vllm)}=vllm with {world} processes is not "
+                          "supported yet (one vLLM engine per rank needs vLLM's external_launcher "
+                          "mode; README, 'Several GPUs'): use engine=lsp")
 
 
 def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:
@@ -164,27 +186,64 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | Non
     return ckpt, info.get("mlflow_run_id")
 
 
+def build_strategy(t: DictConfig, accelerator: str):
+    """trainer.strategy names one of trainer.strategies (instantiated), or `auto`: one process
+    (Lightning's single-device strategy), or `ddp` when several devices or nodes are asked for."""
+    name = t.strategy
+    if name == "auto":
+        name = "ddp" if requested_processes(t, accelerator) > 1 else None
+    return "auto" if name is None else instantiate(t.strategies[name])
+
+
+def requested_processes(t: DictConfig, accelerator: str) -> int:
+    """Processes the Trainer will run: devices x nodes (devices=auto: every GPU, one CPU)."""
+    devices = t.devices
+    if devices in ("auto", -1, "-1"):
+        devices = torch.cuda.device_count() if accelerator in ("cuda", "gpu") else 1
+    elif isinstance(devices, str) and "," in devices or not isinstance(devices, (int, str)):
+        devices = len([d for d in (devices.split(",") if isinstance(devices, str) else devices)
+                       if str(d).strip()])
+    return int(devices) * int(t.num_nodes)
+
+
+def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
+    t = cfg.trainer
+    accelerator = t.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if resolve_device(cfg.device).startswith("cuda") else "cpu"
+    return L.Trainer(
+        max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=build_strategy(t, accelerator), precision=t.precision,
+        logger=logger, callbacks=build_callbacks(cfg, run_dir),
+        log_every_n_steps=t.log_every_n_steps, enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=str(run_dir),
+    )
+
+
 def train(cfg: DictConfig) -> dict:
     validate(cfg)
     set_chat_date(cfg.model.chat_date)
     check_models(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    device = resolve_device(cfg.device)
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, run_id = resume_point(cfg, run_dir)
-    module = build_module(cfg, device, ckpt)
     logger = build_logger(cfg, run_id)
+    # The Trainer first: it knows this process's rank and device (under torchrun, SLURM, or
+    # Lightning's own launch, which re-runs this command once per extra rank).
+    trainer = build_trainer(cfg, logger, run_dir)
+    world = trainer.world_size
+    check_world(cfg, world)
+    # each rank its own stream (lsp.distributed.rank_seed; rank 0 = the run's seed)
+    L.seed_everything(rank_seed(cfg.seed, trainer.global_rank), workers=True, verbose=False)
+    device = str(trainer.strategy.root_device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(trainer.strategy.root_device)
+    module = build_module(cfg, device, ckpt, world)
     if run_id is None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer = L.Trainer(
-        max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices, logger=logger, callbacks=build_callbacks(cfg, run_dir),
-        log_every_n_steps=cfg.trainer.log_every_n_steps, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        precision="32-true", default_root_dir=str(run_dir),
-    )
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer.fit(module, datamodule=SelfPlayData(),
                 ckpt_path=str(ckpt / "trainer_state.ckpt") if ckpt else None,
                 weights_only=False)  # our own file: it holds RNG states (numpy) besides tensors
