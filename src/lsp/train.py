@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.callbacks import latest_checkpoint
@@ -206,7 +207,7 @@ def requested_processes(t: DictConfig, accelerator: str) -> int:
     return int(devices) * int(t.num_nodes)
 
 
-def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
     accelerator = t.accelerator
     if accelerator == "auto":
@@ -214,7 +215,7 @@ def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps, accelerator=accelerator, devices=t.devices,
         num_nodes=t.num_nodes, strategy=build_strategy(t, accelerator), precision=t.precision,
-        logger=logger, callbacks=build_callbacks(cfg, run_dir),
+        logger=False, callbacks=build_callbacks(cfg, run_dir),  # the logger: train()
         log_every_n_steps=t.log_every_n_steps, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=str(run_dir),
@@ -228,27 +229,34 @@ def train(cfg: DictConfig) -> dict:
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, run_id = resume_point(cfg, run_dir)
-    logger = build_logger(cfg, run_id)
     # The Trainer first: it knows this process's rank and device (under torchrun, SLURM, or
     # Lightning's own launch, which re-runs this command once per extra rank).
-    trainer = build_trainer(cfg, logger, run_dir)
+    trainer = build_trainer(cfg, run_dir)
     world = trainer.world_size
     check_world(cfg, world)
+    if world > 1 and not cfg.run_dir and not isinstance(
+            trainer.strategy.cluster_environment, LightningEnvironment):
+        # torchrun / SLURM start every rank itself: each would make its own timestamped folder
+        raise ConfigError("invalid config: run_dir is not set: with several processes started by "
+                          "torchrun or SLURM, give every rank the same run_dir=<folder>")
     # each rank its own stream (lsp.distributed.rank_seed; rank 0 = the run's seed)
     L.seed_everything(rank_seed(cfg.seed, trainer.global_rank), workers=True, verbose=False)
     device = str(trainer.strategy.root_device)
     if device.startswith("cuda"):
         torch.cuda.set_device(trainer.strategy.root_device)
     module = build_module(cfg, device, ckpt, world)
-    if run_id is None:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if trainer.is_global_zero:
+    logger = None
+    if trainer.is_global_zero:  # rank 0 alone opens the store (ranks would race to create it)
+        logger = build_logger(cfg, run_id)
+        trainer.loggers = [logger]
+        if run_id is None:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer.fit(module, datamodule=SelfPlayData(),
                 ckpt_path=str(ckpt / "trainer_state.ckpt") if ckpt else None,
                 weights_only=False)  # our own file: it holds RNG states (numpy) besides tensors
     last = latest_checkpoint(run_dir / "checkpoints")
-    return {"run_dir": str(run_dir), "mlflow_run_id": logger.run_id,
+    return {"run_dir": str(run_dir), "mlflow_run_id": logger.run_id if logger else None,
             "global_step": trainer.global_step, "last_checkpoint": str(last) if last else None,
             "metrics": dict(getattr(module, "last_metrics", {}))}
 
