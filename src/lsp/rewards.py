@@ -303,11 +303,17 @@ class QualitySelfReward(_DigitJudge):
         prompts = render_rows(self.tokenizer, render, instructions, responses, budget)
         cfg = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         texts = self.engine.generate(prompts, cfg, greedy=True).completions
-        scores = [parse_quality_score(t, self.max_score) for t in texts]
-        parsed = torch.tensor([s is not None for s in scores], dtype=torch.bool)  # (B,)
-        values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)
-        values = fill_unparsed(values, parsed, self.fallback, self.max_score)
-        return RewardOutput(values=values, parse_failed=~parsed, raw=texts)
+        return quality_scores(texts, self.max_score, self.fallback)
+
+
+def quality_scores(texts: list[str], max_score: int, fallback: str) -> RewardOutput:
+    """The judge's texts -> scores: `parse_quality_score`, then the fallback for the rows that
+    did not parse (module doc); every value is finite and in [0, max_score]."""
+    scores = [parse_quality_score(t, max_score) for t in texts]
+    parsed = torch.tensor([s is not None for s in scores], dtype=torch.bool)  # (B,)
+    values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)
+    values = fill_unparsed(values, parsed, fallback, max_score)
+    return RewardOutput(values=values, parse_failed=~parsed, raw=list(texts))
 
 
 def judge_engine(pool: ModelPool, kind: str, spec: str, dtype: str, amp: torch.dtype | None):

@@ -1,0 +1,147 @@
+"""Fault injection (issue 13): judge output fuzz and non-finite values in a real training step."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lsp.prompts import QUALITY_MAX_SCORE, parse_quality_score
+from lsp.records import RewardOutput
+from lsp.rewards import quality_scores
+
+pytestmark = pytest.mark.faults
+
+
+# ---- judge output fuzz ----------------------------------------------------------------------------
+def fuzz_outputs(n: int, seed: int = 0) -> list[str]:
+    """n judge outputs of the kinds that break parsers: empty, huge, unicode, out-of-range and
+    non-numeric numbers, several <Score> tags, text imitating the prompt's own tags."""
+    rng = random.Random(seed)
+    numbers = ["-1", "8", "99", "3.5", "1e308", "nan", "inf", "7.0", "0", "5", "9" * 400, "-0"]
+    pieces = ["<Score>", "</Score>", "<Calculation>", "</Calculation>", "<Justification>",
+              "Score:", "=", "+", "1", "0", "\u202e", "\U0001f600", "\u0301", "\x00", "\n",
+              "<Score><Score>", "The response", "Instruction:", "</s>", "<|im_end|>", " "]
+    out = ["", " ", "\n" * 1000, "x" * 200_000, "<Score>" * 5000, "<Calculation>" + "1+" * 5000]
+    while len(out) < n:
+        kind = rng.randrange(4)
+        if kind == 0:  # several score tags, in or out of range
+            out.append(" ".join(f"<Score>{rng.choice(numbers)}</Score>"
+                                for _ in range(rng.randint(1, 4))))
+        elif kind == 1:  # a calculation, valid or not
+            terms = [rng.choice(["0", "1", "2", "x", "-1"]) for _ in range(rng.randint(0, 9))]
+            tail = rng.choice(["", f" = {rng.choice(numbers)}", " ="])
+            out.append(f"<Calculation>{' + '.join(terms)}{tail}</Calculation>")
+        else:  # random soup of tags, numbers and unicode
+            out.append("".join(rng.choice(pieces + numbers) for _ in range(rng.randint(1, 60))))
+    return out[:n]
+
+
+def test_judge_output_fuzz_never_crashes_and_counts_fallbacks():
+    """1,000 outputs through the self-reward's parsing and fallback (`quality_scores`, what
+    QualitySelfReward's generate mode runs on the judge's texts): no exception, every value
+    finite and in [0, 7], `parse_failed` exactly where `parse_quality_score` found no score in
+    range, and the documented fallback (batch_mean: mean of the parsed rows) on those rows."""
+    texts = fuzz_outputs(1000)
+    out = quality_scores(texts, QUALITY_MAX_SCORE, "batch_mean")
+    assert isinstance(out, RewardOutput) and out.values.shape == (1000,)
+    assert torch.isfinite(out.values).all()
+    assert ((out.values >= 0) & (out.values <= QUALITY_MAX_SCORE)).all()
+    expected = [parse_quality_score(t) for t in texts]
+    failed = torch.tensor([s is None for s in expected])
+    assert torch.equal(out.parse_failed, failed)
+    assert 100 < int(failed.sum()) < 900  # the fuzz hits both sides
+    parsed_mean = sum(s for s in expected if s is not None) / int((~failed).sum())
+    assert out.values[failed].unique().tolist() == pytest.approx([parsed_mean])
+    for text, score in zip(texts, expected, strict=True):  # out-of-range numbers never pass
+        assert score is None or (isinstance(score, int) and 0 <= score <= QUALITY_MAX_SCORE)
+    assert parse_quality_score("<Score>3</Score> <Score>9</Score>") is None  # the last tag counts
+    assert parse_quality_score("<Score>9</Score> <Score>3</Score>") == 3
+
+
+@pytest.mark.parametrize("fallback", ["batch_mean", "midpoint", "zero"])
+def test_judge_fallback_when_nothing_parses(fallback):
+    out = quality_scores(["", "no score", "<Score>99"], QUALITY_MAX_SCORE, fallback)
+    assert out.parse_failed.all()
+    expected = {"batch_mean": 3.5, "midpoint": 3.5, "zero": 0.0}[fallback]  # documented values
+    assert out.values.tolist() == [expected] * 3
+
+
+# ---- non-finite values in a training step ---------------------------------------------------------
+class NaNReward:
+    """Wraps the configured reward and turns one of its values into NaN or inf."""
+
+    def __init__(self, inner, value: float):
+        self.inner, self.value = inner, value
+
+    def score(self, instructions, responses, **kw):
+        out = self.inner.score(instructions, responses, **kw)
+        values = out.values.clone()
+        values[0] = self.value
+        return RewardOutput(values, out.parse_failed, out.raw)
+
+
+class InjectAtStep2(Callback):
+    """Before step 2 (step 1 was clean, so Adam has state): snapshot the weights and the
+    optimiser state, then apply the fault."""
+
+    def __init__(self, inject):
+        self.inject, self.before, self.state = inject, None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step != 1:
+            return
+        self.before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+        opt = trainer.optimizers[0]
+        self.state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+        self.inject(module)
+
+
+def two_steps_with(cfg, inject):
+    from lsp.data import SelfPlayData
+    from lsp.train import build_module, build_trainer, run_directory
+
+    run_dir = run_directory(cfg)
+    run_dir.mkdir(parents=True)
+    trainer = build_trainer(cfg, run_dir)
+    probe = InjectAtStep2(inject)
+    trainer.callbacks.append(probe)
+    module = build_module(cfg, "cpu", None)
+    trainer.fit(module, datamodule=SelfPlayData())
+    return probe, module, trainer.optimizers[0]
+
+
+@pytest.mark.parametrize("where", ["reward_nan", "reward_inf", "self_reward_nan", "reference_nan"])
+def test_nonfinite_step_is_skipped_and_counted(compose_cfg, workdir, where):
+    cfg = compose_cfg("experiment=smoke", "trainer.max_steps=2", "run_dir=run")
+
+    def inject(module):
+        if where.startswith("reward"):
+            value = math.nan if where == "reward_nan" else math.inf
+            module.frozen["reward"] = NaNReward(module.frozen["reward"], value)
+        elif where == "self_reward_nan":
+            module.frozen["self_reward"] = NaNReward(module.frozen["self_reward"], math.nan)
+        else:  # the reference model's log-probs
+            ref = module.frozen["reference"]
+
+            def nan_logits(mod, args, output):
+                output.logits.fill_(math.nan)
+                return output
+
+            ref.register_forward_hook(nan_logits)
+        # every query valid, so the Solver (and the reward) always runs
+        module.settings.max_query_chars = 10**6
+
+    probe, module, opt = two_steps_with(cfg, inject)
+    assert module.last_metrics["train/nonfinite_steps"] == 1.0  # step 2 skipped, counted
+    assert probe.before is not None and probe.state  # step 1 was clean and built Adam's state
+    after = module.policy.state_dict()
+    for k, v in probe.before.items():
+        assert torch.equal(v, after[k]), k  # weights untouched
+    assert probe.state.keys() == opt.state.keys()
+    for p, state in probe.state.items():
+        for name, value in state.items():
+            assert torch.equal(value, opt.state[p][name]), name  # Adam state untouched
