@@ -8,7 +8,10 @@ from pathlib import Path
 
 from dvc.utils.hydra import compose_and_dump
 
+from lsp.errors import exit_on_input_error
 
+
+@exit_on_input_error
 def main(overrides: list[str]) -> None:
     conf = Path(__file__).resolve().parents[1] / "conf"
     compose_and_dump(Path("params.yaml"), str(conf), None, "pipeline", "", overrides)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import sys
 
+from lsp.errors import exit_on_input_error
 from lsp.evaluate import generate_only
 from lsp.evaluation.selection import chosen_path
 from lsp.study import BASE_MODEL, eval_config, generate_dir, load_params, select_dir
 
 
+@exit_on_input_error
 def main(name: str) -> None:
     params = load_params()
     spec = str(BASE_MODEL) if name == "base" else chosen_path(select_dir(name) / "selection.json")[0]

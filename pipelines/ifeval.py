@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 from lsp.chat import set_chat_date
+from lsp.errors import exit_on_input_error
 from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
 from lsp.ifeval import evaluate_model, format_table, log_details, write_metrics
 from lsp.study import ifeval_config, ifeval_dir, load_params
 
 
+@exit_on_input_error
 def main(name: str) -> None:
     cfg = ifeval_config(load_params(), name)
     set_chat_date(cfg.model.chat_date)
@@ -28,8 +30,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except ife.IFEvalFormatError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main(sys.argv[1])

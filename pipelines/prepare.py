@@ -8,10 +8,12 @@ import os
 import shutil
 import tempfile
 
+from lsp.errors import exit_on_input_error
 from lsp.models import resolve_model
 from lsp.study import BASE_MODEL, load_params
 
 
+@exit_on_input_error
 def main() -> None:
     params = load_params()
     source = resolve_model(params.model.policy, params.model.cache_dir)

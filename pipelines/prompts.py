@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import sys
 
+from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import load_eval_set
 from lsp.evaluation.runtime import atomic_write_text
 from lsp.prompts import clean_instructions, load_prompt_file
 from lsp.study import load_params, prompts_path
 
 
+@exit_on_input_error
 def main(name: str) -> None:
     params = load_params()
     source = params.prompt_sets[name].path

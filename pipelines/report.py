@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lsp.errors import exit_on_input_error
 from lsp.report import build_report
 from lsp.study import evaluate_dir, load_params, select_dir, train_dir
 
 
+@exit_on_input_error
 def main() -> None:
     params = load_params()
     arms = list(params.arms)

@@ -8,10 +8,12 @@ import sys
 
 from omegaconf import OmegaConf
 
+from lsp.errors import exit_on_input_error
 from lsp.select import select
 from lsp.study import load_params, select_dir, train_config, train_dir
 
 
+@exit_on_input_error
 def main(arm: str) -> None:
     params = load_params()
     trained = train_config(params, arm)  # the same (prepared) model and reward the arm trained with

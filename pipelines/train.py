@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+from lsp.errors import exit_on_input_error
 from lsp.study import load_params, train_config, train_dir
 from lsp.train import train
 
 
+@exit_on_input_error
 def main(arm: str) -> None:
     result = train(train_config(load_params(), arm))
     summary = {k: v for k, v in result["metrics"].items()

@@ -79,6 +79,7 @@ RULES = [
     ("trainer.max_steps", lambda v: int(v) >= 1, "must be >= 1"),
     ("trainer.micro_batch_size", lambda v: int(v) >= 1, "must be >= 1"),
     ("trainer.num_nodes", lambda v: int(v) >= 1, "must be >= 1"),
+    ("optim.lr", lambda v: float(v) > 0, "the learning rate must be > 0"),
     # mixed precision is model.amp (lsp.rollout.autocast: the rollout and log-prob passes too);
     # Lightning's *-mixed plugins would autocast only part of the step
     ("trainer.precision", *_one_of(("32-true", "32", "bf16-true", "16-true"))),

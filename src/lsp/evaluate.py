@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
+from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import (
     GenerationSettings,
     as_model_outputs,
@@ -160,6 +161,7 @@ def _log(cfg: DictConfig, name: str, metrics: dict) -> None:
 
 
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
+@exit_on_input_error
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -10,7 +10,6 @@ and the figures land in MLflow.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
+from lsp.errors import exit_on_input_error
 from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
 from lsp.evaluation.outputs import GenerationSettings, generate_outputs
@@ -112,12 +112,9 @@ def log_details(cfg: DictConfig, name: str, details: dict, folder: Path) -> None
 
 
 @hydra.main(config_path="../../conf", config_name="ifeval", version_base="1.3")
+@exit_on_input_error
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ife.IFEvalFormatError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -260,18 +260,41 @@ def load_prompt_file(path: str) -> list[str]:
     import json
     from pathlib import Path
 
+    from lsp.errors import InputFileError
+
     text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
-        items = json.loads(text)
-    elif path.endswith(".jsonl"):
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        items = text.splitlines()
-    prompts = [_instruction(i) for i in items]
+    try:
+        if path.endswith(".json"):
+            items = json.loads(text)
+        elif path.endswith(".jsonl"):
+            items = [_json_line(line, n) for n, line in enumerate(text.splitlines(), 1)
+                     if line.strip()]
+        else:
+            items = text.splitlines()
+        prompts = [_instruction(i) for i in (items if isinstance(items, list) else [items])]
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"prompt file {path}: malformed JSON at line {err.lineno}: "
+                             f"{err.msg}") from None
+    except InputFileError as err:  # a JSON Lines line
+        raise InputFileError(f"prompt file {path}: {err}") from None
+    except (KeyError, TypeError) as err:
+        raise InputFileError(f"prompt file {path}: a record without an 'instruction' field "
+                             f"({err})") from None
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no instructions")
+        raise InputFileError(f"prompt file {path} holds no instructions")
     return prompts
+
+
+def _json_line(line: str, n: int):
+    import json
+
+    from lsp.errors import InputFileError
+
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputFileError(f"malformed JSON at line {n}: {err.msg}") from None
 
 
 def _instruction(item) -> str:

@@ -22,6 +22,7 @@ import yaml
 
 from lsp import report_ifeval
 from lsp.callbacks import read_history
+from lsp.errors import exit_on_input_error
 from lsp.plots import SUBSETS, arm_colors, plot_selection, plot_training_curves, plot_win_rates
 
 TITLE = "Language Self-Play study report"
@@ -578,8 +579,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_input_error
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.root and not args.root.is_dir():
+        raise FileNotFoundError(2, "no such study folder (--root)", str(args.root))
     train, select, evals = discover(args.root) if args.root else ({}, {}, {})
     train |= dict(args.train_dir)
     select |= dict(args.select_dir)

@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
+from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import GenerationSettings, load_engine, sample_answers
 from lsp.evaluation.selection import (
     Candidate,
@@ -121,6 +122,7 @@ def select(cfg: DictConfig, scorer=None) -> dict:
 
 
 @hydra.main(config_path="../../conf", config_name="select", version_base="1.3")
+@exit_on_input_error
 def main(cfg: DictConfig) -> None:
     select(cfg)
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from lsp.constraints import ConstraintSampler, accepts_constraints
 from lsp.data import SelfPlayData
 from lsp.distributed import rank_seed
 from lsp.engines import EnginePool, VLLMSettings
+from lsp.errors import exit_on_input_error
 from lsp.models import (
     ModelPool,
-    ModelUnavailableError,
     amp_dtype,
     load_causal_lm,
     load_tokenizer,
@@ -262,12 +261,9 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@exit_on_input_error
 def main(cfg: DictConfig) -> None:
-    try:
-        result = train(cfg)
-    except (ConfigError, ModelUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    result = train(cfg)
     log.info("done: step %d, run dir %s", result["global_step"], result["run_dir"])
 
 
