@@ -5,10 +5,11 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.advantages import INVALID_QUERY_RULES
+from lsp.errors import InputError
 from lsp.losses import AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     pass
 
 

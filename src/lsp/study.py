@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lsp.errors import InputError
+
 ARTIFACTS = Path("artifacts")
 BASE_MODEL = ARTIFACTS / "base" / "model"  # the prepared base model (a transformers folder)
 TRAIN_KEYS = ("model", "reward", "rollout", "optim", "trainer", "logger", "callbacks",
@@ -24,7 +26,7 @@ def use_prepared_base(cfg: DictConfig, base_spec: str, keys: list[str]) -> None:
             OmegaConf.update(cfg, key, str(BASE_MODEL))
 
 
-class StudyConfigError(ValueError):
+class StudyConfigError(InputError):
     """An arm of params.yaml that the study cannot run, with the key to fix."""
 
 

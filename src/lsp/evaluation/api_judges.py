@@ -18,10 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from lsp.errors import InputError
 from lsp.evaluation.runtime import slug
 
 
-class JudgeUnavailableError(RuntimeError):
+class JudgeUnavailableError(InputError, RuntimeError):
     """The configured judge cannot run here; the message says what to set."""
 
 

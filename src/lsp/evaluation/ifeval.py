@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from lsp.errors import InputError
 from lsp.evaluation.runtime import atomic_write_text
 
 IFEVAL_HUB = "google/IFEval"
@@ -40,7 +41,7 @@ PUNKT_FILES = {"abbrev_types.txt": ("ABBREV_TYPES", "set2txt"),
                "ortho_context.tab": ("ORTHO_CONTEXT", "ivdict2tab")}
 
 
-class IFEvalFormatError(ValueError):
+class IFEvalFormatError(InputError):
     """A malformed IFEval prompt file; the message names the file and line."""
 
 

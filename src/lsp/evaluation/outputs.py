@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lsp.errors import InputError
 from lsp.evaluation.runtime import atomic_write_json, atomic_write_text
 from lsp.models import amp_dtype, resolve_device
 
@@ -25,11 +26,11 @@ RECORD_KEYS = ("instruction", "output", "generator", "dataset")
 SUBSETS = ("helpful_base", "koala", "oasst", "selfinstruct", "vicuna")
 
 
-class EvalSetUnavailableError(RuntimeError):
+class EvalSetUnavailableError(InputError, RuntimeError):
     """The evaluation set can be had neither from the configured file nor from the hub."""
 
 
-class StoreMismatchError(RuntimeError):
+class StoreMismatchError(InputError, RuntimeError):
     """A generation store exists but was made with other settings."""
 
 
