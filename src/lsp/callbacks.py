@@ -67,6 +67,13 @@ class HFCheckpoint(Callback):
         self.keep_every_n_steps = keep_every_n_steps
         self.dirpath = Path(dirpath) if dirpath else None
 
+    def on_fit_start(self, trainer, pl_module):
+        # A .tmp- folder at start is what a killed save left (one writer per run): not a
+        # checkpoint (no marker), removed so they do not pile up.
+        if trainer.is_global_zero and self.dirpath is not None:
+            for tmp in self.dirpath.glob(".tmp-step_*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step % self.every_n_steps == 0 or step >= trainer.max_steps:

@@ -28,6 +28,7 @@ from lsp.data import SelfPlayData
 from lsp.distributed import rank_seed
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.errors import exit_on_input_error
+from lsp.evaluation.runtime import atomic_write_json
 from lsp.models import (
     ModelPool,
     amp_dtype,
@@ -172,18 +173,25 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     return callbacks
 
 
+RUN_ID_FILE = "mlflow_run.json"  # the run's MLflow run id, written when the run is created
+
+
 def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from, the MLflow run to continue). A run killed before its
+    first checkpoint restarts from step 0 but continues its MLflow run (no orphaned runs)."""
     if not cfg.resume:
-        return None, None
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        log.warning("resume=true but %s has no checkpoint: starting from step 0", run_dir)
         return None, None
     import json
 
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    id_file = run_dir / RUN_ID_FILE
+    run_id = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+    if ckpt is None:
+        log.warning("resume=true but %s has no checkpoint: starting from step 0", run_dir)
+        return None, run_id
     info = json.loads((ckpt / "lsp_checkpoint.json").read_text())
     log.info("resuming %s from step %d (%s)", run_dir, info["step"], ckpt)
-    return ckpt, info.get("mlflow_run_id")
+    return ckpt, info.get("mlflow_run_id") or run_id
 
 
 def build_strategy(t: DictConfig, accelerator: str):
@@ -250,6 +258,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.loggers = [logger]
         if run_id is None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            atomic_write_json(run_dir / RUN_ID_FILE, {"run_id": logger.run_id})
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer.fit(module, datamodule=SelfPlayData(),
                 ckpt_path=str(ckpt / "trainer_state.ckpt") if ckpt else None,
