@@ -46,7 +46,8 @@ def write_history(run_dir: Path, steps: range, self_reward: bool, offset: float 
     cb = MetricsHistory(path=str(run_dir / "history.csv"))  # a new instance appends, like a resume
     for step in steps:
         metrics = {k: v + offset for k, v in step_metrics(step, self_reward).items()}
-        trainer, module = SimpleNamespace(global_step=step), SimpleNamespace(last_metrics=metrics)
+        trainer = SimpleNamespace(global_step=step, is_global_zero=True)
+        module = SimpleNamespace(last_metrics=metrics)
         cb.on_train_batch_end(trainer, module, None, None, 0)
 
 
@@ -68,7 +69,8 @@ def fake_batch(step: int, self_reward: bool) -> SimpleNamespace:
 def write_samples(run_dir: Path, steps: range, self_reward: bool) -> None:
     table = SampleTable(every_n_steps=2, path=str(run_dir / "samples.jsonl"))
     for step in steps:
-        table.on_rewards_computed(SimpleNamespace(loggers=[]), None, fake_batch(step, self_reward))
+        table.on_rewards_computed(SimpleNamespace(loggers=[], is_global_zero=True), None,
+                                 fake_batch(step, self_reward))
 
 
 def write_run(root: Path, arm: str, self_reward: bool) -> Path:
@@ -273,7 +275,8 @@ def test_history_keeps_metrics_that_first_appear_after_step_one(tmp_path):
     for step, metrics in ((1, first), (2, later), (3, later)):
         if step == 3:
             cb = MetricsHistory(str(path))  # a resumed run: a new instance reads the header
-        cb.on_train_batch_end(SimpleNamespace(global_step=step), SimpleNamespace(last_metrics=metrics),
+        cb.on_train_batch_end(SimpleNamespace(global_step=step, is_global_zero=True),
+                              SimpleNamespace(last_metrics=metrics),
                               None, None, 0)
     rows = load_arm("x", tmp_path, None, None).history
     assert [r["solver/reward_mean"] for r in rows] == [None, 4.5, 4.5]
