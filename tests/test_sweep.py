@@ -9,19 +9,23 @@ import sys
 from mlflow.tracking import MlflowClient
 
 
-def test_sweep_tags_runs_and_writes_summary(tmp_path):
+def run_sweep(tmp_path, *overrides: str, env_extra: dict | None = None):
+    """A multirun on the smoke experiment -> (sweep folder, its MLflow runs, the job runs)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "lsp.train", "-m", "experiment=smoke", "algo=lsp,lsp_zero",
-           "algo.beta=0,0.1", "trainer.max_steps=1"]
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"} | (env_extra or {})
+    cmd = [sys.executable, "-m", "lsp.train", "-m", "experiment=smoke", "trainer.max_steps=1",
+           *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
     (sweep_dir,) = list((tmp_path / "multirun").iterdir())
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("lsp")
     runs = client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep_dir.name}'")
-    jobs = [r for r in runs if r.data.tags.get("sweep_summary") != "true"]
+    return sweep_dir, runs, [r for r in runs if r.data.tags.get("sweep_summary") != "true"]
+
+
+def test_sweep_tags_runs_and_writes_summary(tmp_path):
+    sweep_dir, runs, jobs = run_sweep(tmp_path, "algo=lsp,lsp_zero", "algo.beta=0,0.1")
     assert len(jobs) == 4
     combos = {(r.data.params["algo/name"], float(r.data.params["algo/beta"])) for r in jobs}
     assert combos == {("lsp", 0.0), ("lsp", 0.1), ("lsp_zero", 0.0), ("lsp_zero", 0.1)}
@@ -52,17 +56,8 @@ def test_series_labels_name_the_kl_options_the_sweep_varies():
 def test_parallel_local_sweep_keeps_the_sweep_tags(tmp_path):
     """hydra/launcher=local_parallel (joblib, 2 jobs at once, one SQLite store): both runs land,
     tagged with the sweep id, and the summary run is written."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lsp.train", "-m", "hydra/launcher=local_parallel",
-           "experiment=smoke", "algo.beta=0,0.1", "trainer.max_steps=1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (sweep_dir,) = list((tmp_path / "multirun").iterdir())
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("lsp")
-    runs = client.search_runs([exp.experiment_id], f"tags.sweep_id = '{sweep_dir.name}'")
-    jobs = [r for r in runs if r.data.tags.get("sweep_summary") != "true"]
+    sweep_dir, runs, jobs = run_sweep(tmp_path, "hydra/launcher=local_parallel", "algo.beta=0,0.1",
+                                      env_extra={"OMP_NUM_THREADS": "1"})
     assert sorted(float(r.data.params["algo/beta"]) for r in jobs) == [0.0, 0.1]
     assert all(r.info.status == "FINISHED" for r in jobs)
     assert len([r for r in runs if r.data.tags.get("sweep_summary") == "true"]) == 1

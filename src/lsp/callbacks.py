@@ -88,7 +88,9 @@ class HFCheckpoint(Callback):
         writer = trainer.is_global_zero
         if trainer.strategy.broadcast((final / MARKER).exists()):
             return final
-        tmp = Path(trainer.strategy.broadcast(str(self.dirpath / f".tmp-step_{step:06d}-{os.getpid()}")))
+        # rank 0's folder name (its pid) on every rank
+        tmp = self.dirpath / f".tmp-step_{step:06d}-{os.getpid()}"
+        tmp = Path(trainer.strategy.broadcast(str(tmp)))
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
             module.policy.save_pretrained(tmp)
