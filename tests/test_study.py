@@ -139,3 +139,27 @@ def test_the_cpu_study_rewards_with_judge_and_constraints_and_s_switches_it(tmp_
     assert "Skywork" in paper.reward.model
     switched = compose(tmp_path, "study=paper", "reward=judge_constraints")
     assert switched.reward._target_ == "lsp.constraints.CompositeReward"
+
+
+def test_a_killed_arm_resumes_only_with_the_same_config_and_code(tmp_path, monkeypatch):
+    """train@<arm>'s outs persist across DVC reruns: resume after a kill, else start afresh."""
+    from lsp.study import RUN_STAMP, mark_complete, resume_or_clear, train_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = train_config(compose(tmp_path), "lsp")
+    assert resume_or_clear(cfg, "lsp") is False  # first run: a fresh folder with its stamp
+    run = train_dir("lsp")
+    (run / "checkpoints" / "step_000020").mkdir(parents=True)
+    (run / "history.csv").write_text("step\n1\n")
+    assert resume_or_clear(cfg, "lsp") is True  # killed, rerun unchanged: resume, keep files
+    assert (run / "history.csv").exists()
+
+    changed = cfg.copy()
+    changed.optim.lr = 2 * cfg.optim.lr
+    assert resume_or_clear(changed, "lsp") is False  # changed params: emptied
+    assert not (run / "history.csv").exists() and (run / RUN_STAMP).exists()
+
+    (run / "history.csv").write_text("step\n1\n")
+    mark_complete("lsp")  # a finished run is rerun only because something changed (or -f)
+    assert resume_or_clear(changed, "lsp") is False
+    assert not (run / "history.csv").exists()

@@ -160,7 +160,9 @@ class VLLMEngine:
     def push(self, model) -> None:
         """Replace the engine's weights by `model`'s (its full HF state dict), in place."""
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        weights = ((name, t.detach()) for name, t in model.state_dict().items())
+        # cast to the engine's dtype here: vLLM would cast too, logging one warning per tensor
+        dtype = self.llm.llm_engine.model_config.dtype
+        weights = ((name, t.detach().to(dtype)) for name, t in model.state_dict().items())
         worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 

@@ -92,6 +92,50 @@ def train_dir(arm: str) -> Path:
     return ARTIFACTS / "train" / arm
 
 
+RUN_STAMP = "study_run.json"  # in train_dir(arm): what the folder's run was trained with
+
+
+def run_stamp(cfg: DictConfig) -> dict:
+    """The fingerprint of one arm's training: its resolved config and the lsp source it ran."""
+    import hashlib
+
+    import lsp
+
+    code = hashlib.sha256()
+    for f in sorted(Path(lsp.__file__).parent.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".json", ".txt") and "__pycache__" not in f.parts:
+            code.update(f.as_posix().encode() + f.read_bytes())
+    config = OmegaConf.to_yaml(cfg, resolve=True).encode()
+    return {"config": hashlib.sha256(config).hexdigest(), "code": code.hexdigest(),
+            "complete": False}
+
+
+def resume_or_clear(cfg: DictConfig, arm: str) -> bool:
+    """train@<arm>'s outs are DVC `persist`: DVC leaves them in place when it reruns the stage.
+    Rerun after a kill, with the same config and code: True (resume from the last checkpoint).
+    Otherwise (a finished run, changed params or code, no stamp): the folder is emptied and
+    False (train from step 0), so a stage never mixes two configurations or code versions."""
+    import json
+    import shutil
+
+    run, stamp = train_dir(arm), run_stamp(cfg)
+    old = run / RUN_STAMP
+    if old.exists() and json.loads(old.read_text()) == stamp:
+        return True
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    old.write_text(json.dumps(stamp))
+    return False
+
+
+def mark_complete(arm: str) -> None:
+    import json
+
+    path = train_dir(arm) / RUN_STAMP
+    path.write_text(json.dumps({**json.loads(path.read_text()), "complete": True}))
+
+
 def select_dir(arm: str) -> Path:
     return ARTIFACTS / "select" / arm
 
