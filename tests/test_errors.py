@@ -22,6 +22,10 @@ CASES = {
     "malformed prompt file": (TRAIN + ["algo=grpo", "rollout.prompt_file=bad.jsonl"],
                               "bad.jsonl: malformed JSON at line 2"),
     "missing model": (TRAIN + ["model.policy=/no/such/model"], "model.policy"),
+    "unknown key": (TRAIN + ["+foo=bar"], "unknown key 'foo'"),
+    "unknown judge key": (["-m", "lsp.evaluate", "+eval.judge.temperature=0"],
+                          "eval.judge.temperature: unknown key"),
+    "select without its run": (["-m", "lsp.select"], "'run_dir' is missing"),
     "report without its folder": (["-m", "lsp.report", "--root", "nope"], "nope"),
     "malformed params.yaml": ([str(REPO / "pipelines" / "train.py"), "lsp"], "params.yaml"),
 }

@@ -35,7 +35,7 @@ CompositeReward, which builds each with the trainer's `pool`:
 
     _target_: lsp.constraints.CompositeReward
     _recursive_: false
-    model: ${model.reference}   # lsp.config.validate requires reward.model; unused here
+    model: ${model.reference}   # unused here (each component names its own)
     components:
       constraints: {weight: 1.0, reward: {_target_: lsp.constraints.ConstraintReward}}
       judge: {weight: 0.1, reward: {_target_: lsp.rewards.LLMJudgeReward, model: ...}}
@@ -286,8 +286,8 @@ class ConstraintReward:
 
     name = "constraints"
 
-    def __init__(self, pool=None, langdetect_seed: int | None = 0, **_unused):
-        # pool and any model key are accepted and ignored, so the config shape matches the others.
+    def __init__(self, pool=None, langdetect_seed: int | None = 0, model: str | None = None):
+        # pool and model are accepted and ignored, so the config shape matches the others.
         if langdetect_seed is not None:
             seed_langdetect(langdetect_seed)
 
@@ -349,7 +349,8 @@ class CompositeReward:
 
     name = "composite"
 
-    def __init__(self, pool=None, components: Mapping[str, Mapping] | None = None, **_unused):
+    def __init__(self, pool=None, components: Mapping[str, Mapping] | None = None,
+                 model: str | None = None):  # model: unused (its components name theirs)
         if not components:
             raise ValueError("CompositeReward needs at least one component")
         self.weights: dict[str, float] = {}

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
+from lsp.config import validate
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import (
     GenerationSettings,
@@ -93,6 +94,7 @@ def generate_only(cfg: DictConfig, spec: str, name: str) -> list[dict]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    validate(cfg, "evaluate")
     start, e, out = time.perf_counter(), cfg.eval, Path(cfg.out_dir)
     set_chat_date(cfg.model.chat_date)  # every generation and local-judge prompt renders with it
     eval_set, records = eval_records(cfg)

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
+from lsp.config import validate
 from lsp.errors import exit_on_input_error
 from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
@@ -71,6 +72,7 @@ def held_out_types(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict:
+    validate(cfg, "ifeval")
     set_chat_date(cfg.model.chat_date)
     prompts = ife.load_or_download(cfg.ifeval.path)[: cfg.ifeval.limit or None]
     out = Path(cfg.out_dir)

@@ -50,7 +50,7 @@ The score digits must be single tokens and tokenise the same after the prefix as
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import Tensor
@@ -69,7 +69,12 @@ from lsp.rollout import SamplingConfig, autocast
 
 CUT_MARK = " [...]"
 CUT_MARGIN = 4  # tokens: re-tokenising cut text can shift a boundary by a few tokens
-FALLBACKS = ("batch_mean", "midpoint", "zero")
+Fallback = Literal["batch_mean", "midpoint", "zero"]
+FALLBACKS = get_args(Fallback)
+# The config schema (lsp.config) checks a reward's keys against these signatures' annotations.
+Dtype = Literal["float32", "bfloat16", "float16"]
+Amp = Literal["auto", "bfloat16", "none"] | None
+EngineName = Literal["lsp", "hf", "vllm"]
 
 Render = Callable[[str, str], str]  # (instruction, response) -> the full model input text
 
@@ -199,8 +204,8 @@ def last_token_logits(model, tokenizer, texts: list[str], max_length: int, amp=N
 class SequenceClassifierReward:
     name = "sequence_classifier"
 
-    def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", batch_size: int = 8,
-                 max_length: int = 2048, amp: str | None = None):
+    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32", batch_size: int = 8,
+                 max_length: int = 2048, amp: Amp = None):
         self.model, self.tokenizer = pool.sequence_classifier(model, dtype)
         config = self.model.config.get_text_config()
         if config.pad_token_id is None:  # HF refuses batches without one (see module doc)
@@ -256,9 +261,9 @@ class _DigitJudge:
 class LLMJudgeReward(_DigitJudge):
     name = "llm_judge"
 
-    def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", batch_size: int = 8,
+    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32", batch_size: int = 8,
                  max_length: int = 2048, answer_prefix: str = "Score: ",
-                 min_score_mass: float = 0.01, amp: str | None = None):
+                 min_score_mass: float = 0.01, amp: Amp = None):
         super().__init__(pool, model, dtype, batch_size, max_length, answer_prefix,
                          REWARD_MAX_SCORE, min_score_mass, amp)
 
@@ -272,14 +277,11 @@ class LLMJudgeReward(_DigitJudge):
 class QualitySelfReward(_DigitJudge):
     name = "quality_self_reward"
 
-    def __init__(self, pool: ModelPool, model: str, dtype: str = "float32", mode: str = "generate",
-                 batch_size: int = 8, max_new_tokens: int = 256, fallback: str = "batch_mean",
-                 max_length: int = 2048, min_score_mass: float = 0.01, amp: str | None = None,
-                 engine: str = "lsp"):
-        if mode not in ("logits", "generate"):
-            raise ValueError(f"Unknown mode '{mode}': use logits or generate")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"Unknown fallback '{fallback}': use one of {FALLBACKS}")
+    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32",
+                 mode: Literal["logits", "generate"] = "generate", batch_size: int = 8,
+                 max_new_tokens: int = 256, fallback: Fallback = "batch_mean",
+                 max_length: int = 2048, min_score_mass: float = 0.01, amp: Amp = None,
+                 engine: EngineName = "lsp"):
         super().__init__(pool, model, dtype, batch_size, max_length, "<Score>",
                          QUALITY_MAX_SCORE, min_score_mass, amp)
         self.mode, self.max_new_tokens, self.fallback = mode, max_new_tokens, fallback
@@ -330,8 +332,9 @@ def judge_engine(pool: ModelPool, kind: str, spec: str, dtype: str, amp: torch.d
 class LengthReward:
     name = "length"
 
-    def __init__(self, pool: ModelPool | None = None, per_char: float = 0.01, **_unused):
-        # pool and any model key are accepted and ignored, so the config shape matches the others.
+    def __init__(self, pool: ModelPool | None = None, per_char: float = 0.01,
+                 model: str | None = None):
+        # pool and model are accepted and ignored, so the config shape matches the others.
         self.per_char = per_char
 
     def score(self, instructions: list[str], responses: list[str]) -> RewardOutput:

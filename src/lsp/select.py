@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lsp.chat import set_chat_date
+from lsp.config import validate
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import GenerationSettings, load_engine, sample_answers
 from lsp.evaluation.selection import (
@@ -94,6 +95,7 @@ def with_constraints(cfg: DictConfig, prompts: list[str], scorer):
 def select(cfg: DictConfig, scorer=None) -> dict:
     from lsp.models import ModelPool
 
+    validate(cfg, "select")
     set_chat_date(run_chat_date(cfg))
     prompts, provenance = load_validation_prompts(cfg.validation_prompts)
     candidates = list_checkpoints(cfg.run_dir)

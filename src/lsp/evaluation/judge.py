@@ -30,6 +30,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -51,7 +52,7 @@ def parse_pair_record(prompt: str) -> tuple[str, str, str]:
     return parts[2], parts[4], parts[6]
 
 
-DECISIONS = ("debiased", "weighted", "agreement")
+Decision = Literal["debiased", "weighted", "agreement"]
 
 
 def _logit(p: float, eps: float = 1e-6) -> float:
@@ -128,13 +129,11 @@ class LocalHFJudge:
         self, model: str = "embedded:smollm2-135m-instruct", dtype: str = "float32",
         amp: str = "none", device: str = "auto", batch_size: int = 4,
         max_instruction_tokens: int = 256, max_response_tokens: int = 512,
-        decision: str = "debiased", tie_margin: float = 0.0,
+        decision: Decision = "debiased", tie_margin: float = 0.0,
         answer_tokens: tuple[str, str] = ("1", "2"), answer_prefix: str = "", prompt_file: str | None = None,
         cache_dir: str = "artifacts/judge_cache", model_cache_dir: str | None = None,
         chunksize: int = 16,
     ):
-        if decision not in DECISIONS:
-            raise ValueError(f"decision must be one of {DECISIONS}, not {decision!r}")
         self.model_spec, self.dtype, self.amp = model, dtype, amp
         self.device = resolve_device(device)
         self.batch_size, self.decision, self.tie_margin = batch_size, decision, tie_margin
