@@ -233,3 +233,116 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
         got = client.get_metric_history(runs["killed"].info.run_id, key)
         assert {m.step for m in got} == set(ref)
         assert all(m.value == pytest.approx(ref[m.step], rel=1e-6, abs=1e-9) for m in got), key
+
+
+# ---- MLflow server outage -------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(root, port: int):
+    """A real `mlflow server` on loopback (its own process group, so that a stop stops it all),
+    over a SQLite store that outlives it."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "server_artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=os.environ | {"MLFLOW_TRACKING_URI": ""})
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("mlflow server did not start")
+
+
+def _stop(proc) -> None:
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_mlflow_server_outage_queues_metrics_and_training_continues(tmp_path):
+    """A real `mlflow server` is killed after step 3 of a 12-step smoke run and restarted 4 steps
+    later: training never stops, no checkpoint is lost, and once the server is back every step's
+    metrics (queued meanwhile) and sample tables are in the same MLflow run, each at its step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from lsp.callbacks import MARKER
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    history = tmp_path / "run" / "history.csv"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": uri}
+    train = subprocess.Popen(
+        [sys.executable, "-m", "lsp.train", "experiment=smoke", "trainer.max_steps=12",
+         "run_dir=run", "callbacks.checkpoint.every_n_steps=2", "callbacks.checkpoint.keep_last=20",
+         "callbacks.sample_table.every_n_steps=2", "logger.retry_every_s=0"],
+        cwd=tmp_path, env=env, stdout=(tmp_path / "train.log").open("w"),
+        stderr=subprocess.STDOUT)  # a file: a full pipe would block the run
+
+    def steps() -> int:
+        return len(_history(history)) if history.exists() else 0
+
+    try:
+        while steps() < 3 and train.poll() is None:
+            time.sleep(0.05)
+        _stop(server)  # the outage
+        down_at = steps()
+        while steps() < down_at + 4 and train.poll() is None:
+            time.sleep(0.05)
+        train.send_signal(signal.SIGSTOP)  # hold training while the server restarts (~20 s)
+        up_at = steps()
+        server = _mlflow_server(tmp_path, port)
+        train.send_signal(signal.SIGCONT)
+        code = train.wait(timeout=900)
+        err = (tmp_path / "train.log").read_text()  # Hydra's log handler writes to stdout
+        assert code == 0, err[-3000:]
+    finally:
+        train.kill()
+        _stop(server) if server.poll() is None else None
+    assert up_at < 12, "training ended before the server came back: lengthen the run"
+    assert "does not answer" in err and "answers again" in err, err[-3000:]
+
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == [f"step_{s:06d}" for s in range(2, 13, 2)]
+    assert all((c / MARKER).exists() for c in ckpts)
+    local = _history(history)
+    assert sorted(local) == list(range(1, 13))
+
+    server = _mlflow_server(tmp_path, port)  # read back what the store holds
+    try:
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("lsp").experiment_id])
+        assert run.info.status == "FINISHED"
+        for key in ("solver/reward_mean", "kl/challenger"):
+            got = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            assert sorted(got) == list(range(1, 13)), key  # the outage's steps were queued
+            assert all(got[s] == pytest.approx(float(local[s][key]), rel=1e-5) for s in got)
+        tables = {f.path for f in client.list_artifacts(run.info.run_id, "samples")}
+        assert {f"samples/step_{s:06d}.json" for s in range(2, 13, 2)} <= tables
+    finally:
+        _stop(server)

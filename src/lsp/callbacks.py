@@ -30,11 +30,11 @@ class RolloutHooks(Callback):
 
 
 def _mlflow(trainer):
-    """(client, run_id) of the run's MLFlowLogger, or (None, None)."""
+    """The run's MLflow logger (lsp.mlflow_logger.BufferedMLFlowLogger), or None."""
     for logger in trainer.loggers:
-        if hasattr(logger, "run_id") and hasattr(logger, "experiment"):
-            return logger.experiment, logger.run_id
-    return None, None
+        if hasattr(logger, "run_id") and hasattr(logger, "log_table"):
+            return logger
+    return None
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -98,8 +98,8 @@ class HFCheckpoint(Callback):
         trainer.save_checkpoint(tmp / "trainer_state.ckpt")  # every rank; rank 0 writes
         if not writer:
             return final
-        _, run_id = _mlflow(trainer)
-        info = {"step": step, "time": time.time(), "mlflow_run_id": run_id,
+        logger = _mlflow(trainer)
+        info = {"step": step, "time": time.time(), "mlflow_run_id": logger.run_id if logger else None,
                 "metrics": getattr(module, "last_metrics", {})}
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
@@ -164,10 +164,10 @@ class SampleTable(RolloutHooks):
         if self.path is not None:
             with self.path.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-        client, run_id = _mlflow(trainer)
-        if client is not None and rows:
+        logger = _mlflow(trainer)
+        if logger is not None and rows:  # queued while the store does not answer
             table = {key: [r.get(key) for r in rows] for key in rows[0]}
-            client.log_table(run_id, data=table, artifact_file=f"samples/step_{step:06d}.json")
+            logger.log_table(table, artifact_file=f"samples/step_{step:06d}.json")
 
 
 # ---- degeneration monitor -------------------------------------------------------------------

@@ -104,6 +104,7 @@ class LoggerSection(Section):
     tracking_uri: Name
     artifact_location: str | None = None
     run_name: str | None = None
+    retry_every_s: NonNegFloat = 30.0  # training (lsp.mlflow_logger)
 
 
 class GenerationSection(Section):

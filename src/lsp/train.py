@@ -16,7 +16,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +28,7 @@ from lsp.distributed import rank_seed
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.runtime import atomic_write_json
+from lsp.mlflow_logger import BufferedMLFlowLogger, open_run
 from lsp.models import (
     ModelPool,
     amp_dtype,
@@ -145,7 +145,7 @@ def check_world(cfg: DictConfig, world: int) -> None:
                           "mode; README, 'Several GPUs'): use engine=lsp")
 
 
-def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:
+def build_logger(cfg: DictConfig, run_id: str | None) -> BufferedMLFlowLogger:
     lg = cfg.logger
     tags = {"algo": cfg.algo.name, "name": cfg.name}
     sweep_id = cfg.sweep_id
@@ -157,9 +157,10 @@ def build_logger(cfg: DictConfig, run_id: str | None) -> MLFlowLogger:
     if sweep_id:
         tags["sweep_id"] = str(sweep_id)
     artifacts = Path(lg.artifact_location).resolve().as_uri() if lg.artifact_location else None
-    return MLFlowLogger(experiment_name=lg.experiment_name, tracking_uri=lg.tracking_uri,
-                        artifact_location=artifacts, run_name=lg.run_name or cfg.name,
-                        run_id=run_id, tags=None if run_id else tags)
+    return BufferedMLFlowLogger(experiment_name=lg.experiment_name, tracking_uri=lg.tracking_uri,
+                                artifact_location=artifacts, run_name=lg.run_name or cfg.name,
+                                run_id=run_id, tags=None if run_id else tags,
+                                retry_every_s=lg.retry_every_s)
 
 
 
@@ -256,8 +257,8 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:  # rank 0 alone opens the store (ranks would race to create it)
         logger = build_logger(cfg, run_id)
         trainer.loggers = [logger]
+        open_run(logger, None if run_id else OmegaConf.to_container(cfg, resolve=True))
         if run_id is None:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             atomic_write_json(run_dir / RUN_ID_FILE, {"run_id": logger.run_id})
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer.fit(module, datamodule=SelfPlayData(),
