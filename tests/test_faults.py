@@ -346,3 +346,94 @@ def test_mlflow_server_outage_queues_metrics_and_training_continues(tmp_path):
         assert {f"samples/step_{s:06d}.json" for s in range(2, 13, 2)} <= tables
     finally:
         _stop(server)
+
+
+# ---- unwritable or full output folder, corrupt inputs -------------------------------------------
+def test_a_run_dir_that_cannot_be_written_fails_before_training(compose_cfg, workdir):
+    from lsp.train import RunDirError, train
+
+    (workdir / "afile").write_text("not a folder")
+    with pytest.raises(RunDirError, match="run_dir=afile/run: cannot write there"):
+        train(compose_cfg("experiment=smoke", "run_dir=afile/run"))
+
+
+def test_too_little_free_space_fails_before_step_1(compose_cfg, workdir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lsp.train import RunDirError, train
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 10**5))  # 100 kB
+    with pytest.raises(RunDirError, match=r"0\.00 GiB free, but the 2 checkpoints"):
+        train(compose_cfg("experiment=smoke", "run_dir=run", "trainer.max_steps=2",
+                          "callbacks.checkpoint.every_n_steps=1", "callbacks.checkpoint.keep_last=1"))
+    assert not list((workdir / "run").glob("checkpoints/step_*"))  # nothing trained
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(compose_cfg, workdir, monkeypatch):
+    """The disk fills up while step 2's checkpoint is written (ENOSPC from the weight file):
+    one clear error naming the step; step 1's checkpoint is intact and the run resumes from it."""
+    import errno
+
+    from transformers import PreTrainedModel
+
+    from lsp.callbacks import CheckpointWriteError, check_checkpoint
+    from lsp.train import train
+
+    save = PreTrainedModel.save_pretrained
+    calls = []
+
+    def fills_up(self, folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 2:
+            save(self, folder, *args, **kwargs)  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_up)
+    overrides = ["experiment=smoke", "run_dir=run", "callbacks.checkpoint.every_n_steps=1"]
+    with pytest.raises(CheckpointWriteError, match=r"step 2: .*No space left on device.*"
+                                                   r"\(step_000001\) is intact"):
+        train(compose_cfg(*overrides, "trainer.max_steps=3"))
+    ckpts = workdir / "run" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["step_000001"]  # no half folder left
+    check_checkpoint(ckpts / "step_000001")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
+    assert train(compose_cfg(*overrides, "trainer.max_steps=3", "resume=true"))["global_step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["weights", "trainer_state", "marker"])
+def test_resuming_from_a_truncated_checkpoint_names_the_file(compose_cfg, workdir, damage):
+    from lsp.callbacks import CorruptCheckpointError
+    from lsp.train import train
+
+    overrides = ["experiment=smoke", "run_dir=run", "callbacks.checkpoint.every_n_steps=1"]
+    train(compose_cfg(*overrides, "trainer.max_steps=2"))
+    last = workdir / "run" / "checkpoints" / "step_000002"
+    file = last / {"weights": "model.safetensors", "trainer_state": "trainer_state.ckpt",
+                   "marker": "lsp_checkpoint.json"}[damage]
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CorruptCheckpointError, match=rf"{file.name}: corrupt") as err:
+        train(compose_cfg(*overrides, "trainer.max_steps=3", "resume=true"))
+    assert str(file.relative_to(workdir)) in str(err.value) and "\n" not in str(err.value)
+    if damage != "marker":
+        assert "delete run/checkpoints/step_000002 to resume from step_000001" in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('[{"instruction": "a", "dataset": "koala"}, {"dataset": "koala"}]',
+     "record 1 lacks the string fields ['instruction']"),
+    ('[{"instruction": "a", "dataset": "koala"}, "b"]', "record 1 lacks the string fields"),
+    ('{"instruction": "a"}', "expected a non-empty JSON list"),
+    ('[{"instruction": "a", "dataset": "koala"},', "not valid JSON"),
+])
+def test_an_alpacaeval_file_with_missing_fields_names_the_file(tmp_path, content, message):
+    from lsp.evaluation.outputs import EvalSetUnavailableError, load_eval_set
+
+    path = tmp_path / "set.json"
+    path.write_text(content)
+    with pytest.raises(EvalSetUnavailableError, match="set.json") as err:
+        load_eval_set(path)
+    assert message in str(err.value)

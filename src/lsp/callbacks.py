@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from lsp.errors import InputError
 from lsp.evaluation.runtime import atomic_write_text
 from lsp.records import SelfPlayBatch
 
@@ -44,7 +45,47 @@ def list_checkpoints(dirpath: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.glob("step_*") if (p / MARKER).exists()]
-    return sorted(done, key=lambda p: json.loads((p / MARKER).read_text())["step"])
+    return sorted(done, key=_marker_step)
+
+
+def _marker_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / MARKER).read_text())["step"])
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"{path / MARKER}: corrupt marker ({err!r}); delete "
+                                     f"{path} to use the other checkpoints") from None
+
+
+class CheckpointWriteError(InputError):
+    """A checkpoint could not be written (disk full, folder not writable)."""
+
+
+class CorruptCheckpointError(InputError):
+    """A checkpoint folder whose marker says complete but whose files do not read back."""
+
+
+def check_checkpoint(path: Path) -> None:
+    """Cheap integrity checks before resuming: every weight file's safetensors header covers the
+    file, and the trainer state's zip directory (at the file's end) is there. A truncated or
+    overwritten file fails here, naming itself, instead of deep inside a load."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise CorruptCheckpointError(f"{path}: no *.safetensors weights in the checkpoint")
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # SafetensorError (truncated, not a safetensors file), OSError
+            raise CorruptCheckpointError(f"{file}: corrupt ({err})") from None
+    state = path / "trainer_state.ckpt"
+    try:
+        zipfile.ZipFile(state).close()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CorruptCheckpointError(f"{state}: corrupt or missing ({err})") from None
 
 
 def latest_checkpoint(dirpath: str | Path) -> Path | None:
@@ -91,22 +132,36 @@ class HFCheckpoint(Callback):
         # rank 0's folder name (its pid) on every rank
         tmp = self.dirpath / f".tmp-step_{step:06d}-{os.getpid()}"
         tmp = Path(trainer.strategy.broadcast(str(tmp)))
-        if writer:
+        try:
+            self._write(trainer, module, step, tmp, writer)
+        except OSError as err:  # a full disk, a folder gone read-only: the previous one stays
             shutil.rmtree(tmp, ignore_errors=True)
-            module.policy.save_pretrained(tmp)
-            module.tokenizer.save_pretrained(tmp)
-        trainer.save_checkpoint(tmp / "trainer_state.ckpt")  # every rank; rank 0 writes
+            last = latest_checkpoint(self.dirpath)
+            raise CheckpointWriteError(
+                f"checkpoint of step {step}: cannot write into {self.dirpath} "
+                f"({err.strerror or err}); the last complete checkpoint "
+                f"({last.name if last else 'none'}) is intact: free space, then rerun with "
+                "resume=true") from None
         if not writer:
             return final
-        logger = _mlflow(trainer)
-        info = {"step": step, "time": time.time(), "mlflow_run_id": logger.run_id if logger else None,
-                "metrics": getattr(module, "last_metrics", {})}
-        (tmp / MARKER).write_text(json.dumps(info, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
         os.replace(tmp, final)
         log.info("checkpoint step %d -> %s", step, final)
         self.prune()
         return final
+
+    def _write(self, trainer, module, step: int, tmp: Path, writer: bool) -> None:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+            module.policy.save_pretrained(tmp)
+            module.tokenizer.save_pretrained(tmp)
+        trainer.save_checkpoint(tmp / "trainer_state.ckpt")  # every rank; rank 0 writes
+        if writer:
+            logger = _mlflow(trainer)
+            info = {"step": step, "time": time.time(),
+                    "mlflow_run_id": logger.run_id if logger else None,
+                    "metrics": getattr(module, "last_metrics", {})}
+            (tmp / MARKER).write_text(json.dumps(info, indent=2))  # last: marks it complete
 
     def keep(self, step: int) -> bool:
         every = self.keep_every_n_steps

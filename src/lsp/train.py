@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,14 +21,19 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from lsp.callbacks import latest_checkpoint
+from lsp.callbacks import (
+    CorruptCheckpointError,
+    check_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from lsp.chat import set_chat_date
 from lsp.config import ConfigError, check_models, validate
 from lsp.constraints import ConstraintSampler, accepts_constraints
 from lsp.data import SelfPlayData
 from lsp.distributed import rank_seed
 from lsp.engines import EnginePool, VLLMSettings
-from lsp.errors import exit_on_input_error
+from lsp.errors import InputError, exit_on_input_error
 from lsp.evaluation.runtime import atomic_write_json
 from lsp.mlflow_logger import BufferedMLFlowLogger, open_run
 from lsp.models import (
@@ -190,9 +197,48 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | Non
     if ckpt is None:
         log.warning("resume=true but %s has no checkpoint: starting from step 0", run_dir)
         return None, run_id
+    try:
+        check_checkpoint(ckpt)
+    except CorruptCheckpointError as err:
+        older = list_checkpoints(run_dir / "checkpoints")[:-1]
+        hint = (f"delete {ckpt} to resume from {older[-1].name}" if older
+                else f"delete {ckpt} to start from step 0")
+        raise CorruptCheckpointError(f"resume: {err}; {hint}") from None
     info = json.loads((ckpt / "lsp_checkpoint.json").read_text())
     log.info("resuming %s from step %d (%s)", run_dir, info["step"], ckpt)
     return ckpt, info.get("mlflow_run_id") or run_id
+
+
+class RunDirError(InputError):
+    """The run folder cannot hold the run (not writable, too little free space)."""
+
+
+def check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"lsp")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"run_dir={run_dir}: cannot write there ({err.strerror or err})") from None
+
+
+def check_free_space(run_dir: Path, module: SelfPlayModule, cfg: DictConfig) -> None:
+    """Before step 1: room for the checkpoints the run keeps at once (the newest is written
+    before the oldest goes). One holds the policy's weights (the HF folder) and AdamW's two fp32
+    moments per trainable parameter (the Lightning state): 1.6 GB for SmolLM2-135M in fp32."""
+    c, steps = cfg.callbacks.checkpoint, int(cfg.trainer.max_steps)
+    saved = {*range(c.every_n_steps, steps + 1, c.every_n_steps), steps}
+    kept = {s for s in saved if s in set(c.keep_steps or ())
+            or (c.keep_every_n_steps and s % c.keep_every_n_steps == 0)}
+    count = min(len(saved), c.keep_last + 1 + len(kept))
+    params = list(module.policy.parameters())
+    size = sum(p.numel() * (p.element_size() + (8 if p.requires_grad else 0)) for p in params)
+    free = shutil.disk_usage(run_dir).free
+    if free < count * size:
+        raise RunDirError(f"run_dir={run_dir}: {free / 2**30:.2f} GiB free, but the {count} "
+                          f"checkpoints this run keeps need about {count * size / 2**30:.2f} GiB "
+                          "(callbacks.checkpoint): free space or choose another run_dir")
 
 
 def build_strategy(t: DictConfig, accelerator: str):
@@ -235,7 +281,7 @@ def train(cfg: DictConfig) -> dict:
     set_chat_date(cfg.model.chat_date)
     check_models(cfg)
     run_dir = run_directory(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
     ckpt, run_id = resume_point(cfg, run_dir)
     # The Trainer first: it knows this process's rank and device (under torchrun, SLURM, or
     # Lightning's own launch, which re-runs this command once per extra rank).
@@ -253,6 +299,8 @@ def train(cfg: DictConfig) -> dict:
     if device.startswith("cuda"):
         torch.cuda.set_device(trainer.strategy.root_device)
     module = build_module(cfg, device, ckpt, world)
+    if trainer.is_global_zero and cfg.callbacks.get("checkpoint"):
+        check_free_space(run_dir, module, cfg)
     logger = None
     if trainer.is_global_zero:  # rank 0 alone opens the store (ranks would race to create it)
         logger = build_logger(cfg, run_id)

@@ -39,9 +39,15 @@ def load_eval_set(path: str | Path | None, hub_config: str = "alpaca_eval_gpt4_b
     format, or (path None) from alpaca-eval's hub loader (`alpaca_eval_gpt4_baseline`: the 2.0
     references; `alpaca_eval`: the 1.0 references)."""
     records = _hub_eval_set(hub_config) if path is None else _read_json_records(path)
-    missing = [k for k in ("instruction", "dataset") if records and k not in records[0]]
-    if missing:
-        raise EvalSetUnavailableError(f"Evaluation set {path} lacks the fields {missing}.")
+    if not isinstance(records, list) or not records:
+        raise EvalSetUnavailableError(f"Evaluation set {path}: expected a non-empty JSON list of "
+                                      "records (AlpacaEval format)")
+    for i, r in enumerate(records):
+        missing = [k for k in ("instruction", "dataset")
+                   if not isinstance(r, dict) or not isinstance(r.get(k), str)]
+        if missing:
+            raise EvalSetUnavailableError(f"Evaluation set {path}: record {i} lacks the string "
+                                          f"fields {missing} (AlpacaEval format)")
     if len({r["instruction"] for r in records}) != len(records):
         raise EvalSetUnavailableError(
             f"Evaluation set {path} repeats instructions; alpaca-eval joins outputs on them."
@@ -58,7 +64,10 @@ def _read_json_records(path: str | Path) -> list[dict]:
             "../shared/alpaca_eval/gpt4_1106_preview_outputs.json), or set it to null to use "
             "alpaca-eval's hub loader."
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalSetUnavailableError(f"Evaluation set {path}: not valid JSON ({err})") from None
 
 
 def _hub_eval_set(hub_config: str) -> list[dict]:
