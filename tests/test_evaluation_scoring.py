@@ -137,3 +137,33 @@ def test_openai_compatible_judge_writes_a_config_alpaca_eval_loads(tmp_path, mon
     assert single.completions_kwargs["openai_api_base"] == "http://localhost:9/v1"
     assert "{output_1}" in single.prompt_template
     assert "EMPTY" not in json.dumps(single.completions_kwargs)  # the key stays in the environment
+
+
+@pytest.mark.faults
+def test_judging_interrupted_mid_way_resumes_without_judging_a_pair_twice(tmp_path, monkeypatch):
+    """Stopped (KeyboardInterrupt) after the judge's second chunk of 2 pairs, then rerun: the
+    rerun judges only the pairs the cache lacks, so each of the 8 pairs is judged once."""
+    base = records("base", [f"Base answer {i}." for i in range(8)])
+    cand = records("cand", [f"Candidate answer number {i}!" for i in range(8)])
+    judge_fn = LocalHFJudge.judge
+    seen: list[str] = []
+
+    def stops_after_two_chunks(self, instructions, outputs_1, outputs_2):
+        if len(seen) >= 4:
+            raise KeyboardInterrupt  # Ctrl-C while judging
+        seen.extend(instructions)
+        return judge_fn(self, instructions, outputs_1, outputs_2)
+
+    monkeypatch.setattr(LocalHFJudge, "judge", stops_after_two_chunks)
+    first = LocalHFJudge(model="tiny:causal", cache_dir=str(tmp_path / "cache"), batch_size=2,
+                         chunksize=2)
+    with pytest.raises(KeyboardInterrupt):
+        score_head2head(cand, base, first, tmp_path / "out", lc=False)
+    assert first.n_pairs == 4 and cached_count(first.caching_path) == 4
+
+    monkeypatch.setattr(LocalHFJudge, "judge", judge_fn)
+    second = LocalHFJudge(model="tiny:causal", cache_dir=str(tmp_path / "cache"), batch_size=2,
+                          chunksize=2)
+    metrics, _ = score_head2head(cand, base, second, tmp_path / "out", lc=False)
+    assert second.n_pairs == 4  # only the other four
+    assert metrics["overall"]["n_total"] == 8 and cached_count(second.caching_path) == 8
