@@ -313,17 +313,22 @@ class EvalSection(Section):
     judge: target_node()
 
 
-class EvaluateConfig(Section):
+class CandidateVsBase(Section):
+    """What lsp.evaluate and lsp.ifeval share: a candidate model scored against the base."""
+
     model: ModelSection
-    eval: EvalSection
     logger: LoggerSection | None = None
     candidate: CandidateSection
     base: BaseSection
     out_dir: Name
-    generations_dir: str | None = None
     device: Name
     model_cache_dir: str | None = None
     seed: int
+
+
+class EvaluateConfig(CandidateVsBase):
+    eval: EvalSection
+    generations_dir: str | None = None
 
 
 class IFEvalSection(Section):
@@ -346,17 +351,9 @@ class IFEvalEvalSection(Section):
     sanity: SanitySection | None = None
 
 
-class IFEvalConfig(Section):
-    model: ModelSection
+class IFEvalConfig(CandidateVsBase):
     eval: IFEvalEvalSection
-    logger: LoggerSection | None = None
     ifeval: IFEvalSection
-    candidate: CandidateSection
-    base: BaseSection
-    out_dir: Name
-    device: Name
-    model_cache_dir: str | None = None
-    seed: int
 
 
 SCHEMAS = {"train": (TrainConfig, _train_rules), "select": (SelectConfig, None),
