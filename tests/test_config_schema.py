@@ -52,6 +52,12 @@ TRAIN_CASES = {
     "optim._target_=torch.optim.Nope": "optim._target_='torch.optim.Nope': cannot be imported",
     "~reward.model": "reward.model: missing: lsp.rewards.SequenceClassifierReward needs it",
     "+trainer.strategies.ddp.bogus=1": "trainer.strategies.ddp.bogus: unknown key for lsp.distributed.SelfPlayDDP",
+    "trainer.devices=abc": "trainer.devices='abc': expected a count >= 1, -1, 'auto'",
+    "device=gpu0": "device='gpu0': expected auto, cpu, cuda, cuda:<index> or mps",
+    "callbacks.checkpoint.every_n_steps=0": "callbacks.checkpoint.every_n_steps=0: must be >= 1",
+    "reward.batch_size=0": "reward.batch_size=0: must be >= 1",
+    "optim.betas=[2,3]": "torch.optim.AdamW' refuses its settings: Invalid beta parameter",
+    "trainer.grad_clip=0": "trainer.grad_clip=0: must be > 0",
 }
 
 

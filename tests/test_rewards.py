@@ -190,11 +190,14 @@ def test_quality_generate_mode_unparseable_gives_fallback(pool):
     assert out.values.tolist() == [3.5] * 4 and len(out.raw) == 4
 
 
-def test_quality_rejects_unknown_options(pool):
-    with pytest.raises(ValueError):
-        QualitySelfReward(pool, "tiny:causal", mode="sample")
-    with pytest.raises(ValueError):
-        QualitySelfReward(pool, "tiny:causal", fallback="median")
+def test_quality_rejects_unknown_options(compose_cfg):
+    """Checked at the config boundary against QualitySelfReward's Literal annotations."""
+    from lsp.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="algo.self_reward.mode='sample'"):
+        validate(compose_cfg("experiment=smoke", "algo.self_reward.mode=sample"))
+    with pytest.raises(ConfigError, match="algo.self_reward.fallback='median'"):
+        validate(compose_cfg("experiment=smoke", "+algo.self_reward.fallback=median"))
 
 
 # ---------------------------------------------------------------- the embedded SmolLM2

@@ -12,10 +12,12 @@ import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from lsp.config import NonNegInt, PosInt
 from lsp.errors import InputError
 from lsp.evaluation.runtime import atomic_write_text
 from lsp.records import SelfPlayBatch
@@ -100,8 +102,9 @@ class HFCheckpoint(Callback):
     Several ranks: every rank takes part (Lightning's save gathers state and waits at a barrier),
     rank 0 alone writes, and the decisions (skip, folder name) are rank 0's, broadcast."""
 
-    def __init__(self, every_n_steps: int = 50, keep_last: int = 2, keep_steps=(),
-                 keep_every_n_steps: int | None = None, dirpath: str | None = None):
+    def __init__(self, every_n_steps: PosInt = 50, keep_last: NonNegInt = 2,
+                 keep_steps: Sequence[int] = (), keep_every_n_steps: PosInt | None = None,
+                 dirpath: str | None = None):
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.keep_steps = set(keep_steps or ())
@@ -206,7 +209,7 @@ class SampleTable(RolloutHooks):
     """Every n steps: queries, answers, rewards and self-rewards as an MLflow table artifact
     (`samples/step_XXXXXX.json`) and appended to `<run_dir>/samples.jsonl` for the report."""
 
-    def __init__(self, every_n_steps: int = 10, max_rows: int = 32, path: str | None = None):
+    def __init__(self, every_n_steps: PosInt = 10, max_rows: PosInt = 32, path: str | None = None):
         self.every_n_steps = every_n_steps
         self.max_rows = max_rows
         self.path = Path(path) if path else None
@@ -237,7 +240,7 @@ class DegenerationMonitor(RolloutHooks):
     queries, drifting length, a judge that stopped answering in format): logs `degeneration/*`
     metrics every step and warns when a threshold is crossed."""
 
-    def __init__(self, window: int = 20, min_distinct_2: float = 0.3, max_repeat_frac: float = 0.5,
+    def __init__(self, window: PosInt = 20, min_distinct_2: float = 0.3, max_repeat_frac: float = 0.5,
                  max_parse_failure_rate: float = 0.5, max_query_len_ratio: float = 3.0):
         self.window = window
         self.thresholds = {"min_distinct_2": min_distinct_2, "max_repeat_frac": max_repeat_frac,

@@ -178,10 +178,39 @@ def _optim(node: dict) -> dict:
     lr = node.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise _key_error("lr", f"={lr!r}: the learning rate must be > 0")
-    return _check_target(node, {"params"})
+    _check_target(node, {"params"})
+    _build_optimizer(node)
+    return node
+
+
+def _build_optimizer(node: dict) -> None:
+    """Build the optimiser over one dummy parameter: torch checks its own arguments (betas,
+    eps, ...) here, at the boundary, rather than inside the first training step."""
+    import torch
+    from hydra._internal.utils import _locate
+
+    kwargs = {k: v for k, v in node.items() if k not in HYDRA_KEYS}
+    try:
+        _locate(node["_target_"])([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise _key_error("_target_", f"={node['_target_']!r} refuses its settings: {err}") from None
 
 
 OptimNode = Annotated[dict, AfterValidator(_optim)]
+
+
+def _devices_ok(v) -> bool:
+    if isinstance(v, int):
+        return v >= 1 or v == -1
+    if isinstance(v, list):
+        return bool(v) and all(isinstance(i, int) and i >= 0 for i in v)
+    parts = [x.strip() for x in v.split(",") if x.strip()]
+    return v in ("auto", "-1") or bool(parts) and all(x.isdigit() for x in parts)
+
+
+Device = Annotated[str, rule(lambda v: v in ("auto", "cpu", "mps") or v == "cuda"
+                             or (v.startswith("cuda:") and v[5:].isdigit()),
+                             "expected auto, cpu, cuda, cuda:<index> or mps")]
 
 
 class TrainerSection(Section):
@@ -190,7 +219,8 @@ class TrainerSection(Section):
     grad_clip: PosFloat | None = None
     max_nonfinite_steps: NonNegInt
     accelerator: choice("auto", "cpu", "cuda", "gpu", "mps")
-    devices: int | str | list[int]
+    devices: Annotated[int | str | list[int], rule(_devices_ok, "expected a count >= 1, -1, "
+                                                  "'auto', a list of ids or '0,1'")]
     num_nodes: PosInt
     strategy: Name
     strategies: dict[str, target_node()]
@@ -213,7 +243,7 @@ class TrainConfig(Section):
     run_dir: str | None = None
     resume: bool
     seed: int
-    device: Name
+    device: Device
     sweep_id: str | int | None = None
 
 
@@ -282,7 +312,7 @@ class SelectConfig(Section):
     validation_prompts: str | None = None
     include_base: bool
     generation: GenerationSection
-    device: Name
+    device: Device
     seed: int
 
 
@@ -321,7 +351,7 @@ class CandidateVsBase(Section):
     candidate: CandidateSection
     base: BaseSection
     out_dir: Name
-    device: Name
+    device: Device
     model_cache_dir: str | None = None
     seed: int
 
@@ -466,7 +496,7 @@ def _signature(obj) -> tuple[dict, bool, dict]:
             if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 params.setdefault(name, p)
         try:
-            for name, ann in typing.get_type_hints(fn).items():
+            for name, ann in typing.get_type_hints(fn, include_extras=True).items():
                 hints.setdefault(name, ann)
         except Exception:  # unresolvable annotations (forward refs): no type check for them
             pass

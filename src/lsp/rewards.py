@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from lsp.chat import render_chat, render_exchange
+from lsp.config import PosInt
 from lsp.models import ModelPool, dtype_of, resolve_model
 from lsp.prompts import (
     QUALITY_MAX_SCORE,
@@ -204,8 +205,8 @@ def last_token_logits(model, tokenizer, texts: list[str], max_length: int, amp=N
 class SequenceClassifierReward:
     name = "sequence_classifier"
 
-    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32", batch_size: int = 8,
-                 max_length: int = 2048, amp: Amp = None):
+    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32", batch_size: PosInt = 8,
+                 max_length: PosInt = 2048, amp: Amp = None):
         self.model, self.tokenizer = pool.sequence_classifier(model, dtype)
         config = self.model.config.get_text_config()
         if config.pad_token_id is None:  # HF refuses batches without one (see module doc)
@@ -261,8 +262,8 @@ class _DigitJudge:
 class LLMJudgeReward(_DigitJudge):
     name = "llm_judge"
 
-    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32", batch_size: int = 8,
-                 max_length: int = 2048, answer_prefix: str = "Score: ",
+    def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32", batch_size: PosInt = 8,
+                 max_length: PosInt = 2048, answer_prefix: str = "Score: ",
                  min_score_mass: float = 0.01, amp: Amp = None):
         super().__init__(pool, model, dtype, batch_size, max_length, answer_prefix,
                          REWARD_MAX_SCORE, min_score_mass, amp)
@@ -278,9 +279,9 @@ class QualitySelfReward(_DigitJudge):
     name = "quality_self_reward"
 
     def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32",
-                 mode: Literal["logits", "generate"] = "generate", batch_size: int = 8,
-                 max_new_tokens: int = 256, fallback: Fallback = "batch_mean",
-                 max_length: int = 2048, min_score_mass: float = 0.01, amp: Amp = None,
+                 mode: Literal["logits", "generate"] = "generate", batch_size: PosInt = 8,
+                 max_new_tokens: PosInt = 256, fallback: Fallback = "batch_mean",
+                 max_length: PosInt = 2048, min_score_mass: float = 0.01, amp: Amp = None,
                  engine: EngineName = "lsp"):
         super().__init__(pool, model, dtype, batch_size, max_length, "<Score>",
                          QUALITY_MAX_SCORE, min_score_mass, amp)

@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 
+from lsp.config import PosInt
 from lsp.models import amp_dtype, resolve_device
 
 CONFIG_DIR = Path(__file__).parent / "annotators" / "lsp_local_judge"
@@ -127,12 +128,12 @@ class LocalHFJudge:
 
     def __init__(
         self, model: str = "embedded:smollm2-135m-instruct", dtype: str = "float32",
-        amp: str = "none", device: str = "auto", batch_size: int = 4,
-        max_instruction_tokens: int = 256, max_response_tokens: int = 512,
+        amp: str = "none", device: str = "auto", batch_size: PosInt = 4,
+        max_instruction_tokens: PosInt = 256, max_response_tokens: PosInt = 512,
         decision: Decision = "debiased", tie_margin: float = 0.0,
         answer_tokens: tuple[str, str] = ("1", "2"), answer_prefix: str = "", prompt_file: str | None = None,
         cache_dir: str = "artifacts/judge_cache", model_cache_dir: str | None = None,
-        chunksize: int = 16,
+        chunksize: PosInt = 16,
     ):
         self.model_spec, self.dtype, self.amp = model, dtype, amp
         self.device = resolve_device(device)
