@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from dvc.utils.hydra import compose_and_dump
-from omegaconf import OmegaConf
 
 from lsp.prompts import clean_instructions, load_prompt_file
 from lsp.study import BASE_MODEL, StudyConfigError, load_params, train_config
@@ -89,8 +88,8 @@ def test_prompt_set_stage_writes_the_cleaned_set(tmp_path, monkeypatch):
                                      "generator": "g", "dataset": "koala"}]))
     source = tmp_path / "mine.txt"
     source.write_text("Write a poem.\nName three rivers.\nWrite a poem.\n")
-    OmegaConf.save({"prompt_sets": {"grpo": {"path": str(source)}},
-                    "eval": {"eval_set": {"path": str(eval_set)}}}, tmp_path / "params.yaml")
+    compose(tmp_path, "baselines=grpo", f"grpo_prompt_file={source}",
+            f"eval.eval_set.path={eval_set}")  # -> tmp_path/params.yaml
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["prompts.py", "grpo"])
     runpy.run_path(str(CONF.parent / "pipelines/prompts.py"), run_name="__main__")
@@ -139,6 +138,16 @@ def test_the_cpu_study_rewards_with_judge_and_constraints_and_s_switches_it(tmp_
     assert "Skywork" in paper.reward.model
     switched = compose(tmp_path, "study=paper", "reward=judge_constraints")
     assert switched.reward._target_ == "lsp.constraints.CompositeReward"
+
+
+def test_params_yaml_is_checked_against_the_study_schema(tmp_path):
+    from lsp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"params.yaml: invalid config: unknown key "
+                                          r"'arms.lsp.bogus'.*\(keys of arms.lsp: algo, init"):
+        compose(tmp_path, "+arms.lsp.bogus=1")
+    with pytest.raises(ConfigError, match="select.generation.temperature=0: must be > 0"):
+        compose(tmp_path, "select.generation.temperature=0")
 
 
 def test_a_killed_arm_resumes_only_with_the_same_config_and_code(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ composite reward's components) are checked the same way.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from typing import Annotated, Any
 
@@ -386,8 +387,62 @@ class IFEvalConfig(CandidateVsBase):
     ifeval: IFEvalSection
 
 
+# --------------------------------------------------------------------------- the study (params.yaml)
+
+
+class ArmSection(Section):
+    """An arm of the DVC study (lsp.study.train_config): its algo, start, queries, and optional
+    per-arm overrides of a training section (checked with the arm's whole train config)."""
+
+    algo: dict
+    init: Name
+    queries: Name
+    model: dict | None = None
+    reward: dict | None = None
+    rollout: dict | None = None
+    optim: dict | None = None
+    trainer: dict | None = None
+    callbacks: dict | None = None
+    seed: int | None = None
+
+
+class PromptSetSection(Section):
+    path: Name
+
+
+class StudySelectSection(Section):
+    include_base: bool
+    generation: GenerationSection
+
+
+class StudyParams(Section):
+    """params.yaml: the training sections every arm shares, the arms, and each stage's section.
+    Each stage also checks the config it derives (train, select, evaluate, ifeval)."""
+
+    model: ModelSection
+    reward: target_node("pool")
+    rollout: RolloutSection
+    optim: OptimNode
+    trainer: TrainerSection
+    logger: LoggerSection
+    callbacks: dict[str, target_node() | None]
+    arms: Annotated[dict[str, ArmSection], rule(bool, "a study needs at least one arm")]
+    prompt_sets: dict[str, PromptSetSection]
+    eval: EvalSection
+    algo: dict[str, Any]  # study-wide algo knobs the arms interpolate (e.g. beta)
+    grpo_prompt_file: str | None = None
+    seed: int
+    device: Device
+    model_cache_dir: str | None = None
+    select: StudySelectSection
+    ifeval: IFEvalSection
+    report: dict[str, str]
+    study_name: Name
+
+
 SCHEMAS = {"train": (TrainConfig, _train_rules), "select": (SelectConfig, None),
-           "evaluate": (EvaluateConfig, None), "ifeval": (IFEvalConfig, None)}
+           "evaluate": (EvaluateConfig, None), "ifeval": (IFEvalConfig, None),
+           "study": (StudyParams, None)}
 
 
 # --------------------------------------------------------------------------- the check
@@ -429,14 +484,29 @@ def _is_branch_tag(part) -> bool:
 
 
 def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
-    model = schema
+    """The keys the schema allows at `loc` (following sections, dicts of sections, optionals)."""
+    ann: Any = schema
     for part in loc:
-        field = model.model_fields.get(part)
-        ann = field.annotation if field else None
-        if not (inspect.isclass(ann) and issubclass(ann, BaseModel)):
+        ann = _unwrap(ann)
+        if typing.get_origin(ann) is dict:
+            ann = typing.get_args(ann)[1]  # `part` is a key of the mapping
+            continue
+        if not (inspect.isclass(ann) and issubclass(ann, BaseModel)) or part not in ann.model_fields:
             return []
-        model = ann
-    return list(model.model_fields)
+        ann = ann.model_fields[part].annotation
+    ann = _unwrap(ann)
+    return list(ann.model_fields) if inspect.isclass(ann) and issubclass(ann, BaseModel) else []
+
+
+def _unwrap(ann):
+    """Annotated[X, ...] -> X; X | None -> X."""
+    while True:
+        if typing.get_origin(ann) is Annotated:
+            ann = typing.get_args(ann)[0]
+        elif typing.get_origin(ann) in (typing.Union, types.UnionType):
+            ann = next(a for a in typing.get_args(ann) if a is not type(None))
+        else:
+            return ann
 
 
 def _check_target(node: dict, injected: set[str], prefix: str = "") -> dict:

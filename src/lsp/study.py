@@ -16,7 +16,16 @@ TRAIN_KEYS = ("model", "reward", "rollout", "optim", "trainer", "logger", "callb
 
 
 def load_params(path: str | Path = "params.yaml") -> DictConfig:
-    return OmegaConf.load(path)
+    """params.yaml, checked against the study schema (lsp.config.StudyParams): a malformed
+    value or a key nothing reads is one line naming it (and the file)."""
+    from lsp.config import ConfigError, validate
+
+    params = OmegaConf.load(path)
+    try:
+        validate(params, "study")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return params
 
 
 def use_prepared_base(cfg: DictConfig, base_spec: str, keys: list[str]) -> None:
