@@ -71,11 +71,16 @@ def test_generated_records_have_the_alpaca_eval_format(tmp_path):
     assert meta["chat_date"] == "26 Jul 2024"  # answers under another date are not reused
 
 
-def test_generation_settings_refuse_a_zero_temperature_or_top_p():
-    with pytest.raises(ValueError, match="temperature=0"):
-        GenerationSettings(temperature=0)
-    with pytest.raises(ValueError, match=r"top_p=0.*\(0, 1\]"):
-        GenerationSettings(top_p=0)
+def test_generation_settings_refuse_a_zero_temperature_or_top_p(compose_cfg):
+    """Checked at the config boundary (lsp.config.GenerationSection), for every entry point."""
+    from lsp.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="eval.generation.temperature=0: must be > 0"):
+        validate(compose_cfg("eval.generation.temperature=0", config_name="evaluate"), "evaluate")
+    with pytest.raises(ConfigError, match=r"eval.generation.top_p=0: must be in \(0, 1\]"):
+        validate(compose_cfg("eval.generation.top_p=0", config_name="ifeval"), "ifeval")
+    with pytest.raises(ConfigError, match="generation.temperature=0: must be > 0"):
+        validate(compose_cfg("generation.temperature=0", "run_dir=r", config_name="select"), "select")
 
 
 @pytest.mark.faults
