@@ -437,3 +437,65 @@ def test_an_alpacaeval_file_with_missing_fields_names_the_file(tmp_path, content
     with pytest.raises(EvalSetUnavailableError, match="set.json") as err:
         load_eval_set(path)
     assert message in str(err.value)
+
+
+def test_sigkill_while_blocked_in_mlflow_logging_resumes_exactly(tmp_path):
+    """The run is SIGKILLed while an MLflow call hangs (the real server is frozen with SIGSTOP
+    after step 3, so the next logging call waits on its socket), then resumed once the server is
+    back: its history.csv and MLflow metrics equal those of an uninterrupted run, one MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(tmp_path, port)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": uri,
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "600"}  # a frozen server: the call hangs
+    cmd = [sys.executable, "-m", "lsp.train", "experiment=smoke", "trainer.max_steps=6",
+           "callbacks.checkpoint.every_n_steps=1", "callbacks.checkpoint.keep_last=2"]
+
+    def start(run_dir: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([*cmd, f"run_dir={run_dir}", *extra], cwd=tmp_path, env=env,
+                                stdout=(tmp_path / f"{run_dir}.log").open("a"),
+                                stderr=subprocess.STDOUT)
+
+    def steps(run_dir: str) -> int:
+        path = tmp_path / run_dir / "history.csv"
+        return len(_history(path)) if path.exists() else 0
+
+    try:
+        assert start("straight").wait(timeout=600) == 0
+        proc = start("killed")
+        while steps("killed") < 3 and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGSTOP)  # frozen: connections open, no answer
+        seen, since = steps("killed"), time.monotonic()
+        while time.monotonic() - since < 8:  # a smoke step takes ~1.5 s: it is blocked
+            assert steps("killed") <= seen + 1 and proc.poll() is None
+            time.sleep(0.2)
+        blocked_at = steps("killed")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.killpg(server.pid, signal.SIGCONT)
+        assert start("killed", "resume=true").wait(timeout=600) == 0
+        assert blocked_at < 6
+
+        a, b = _history(tmp_path / "straight" / "history.csv"), _history(tmp_path / "killed" / "history.csv")
+        assert sorted(a) == sorted(b) == list(range(1, 7)) and a == b
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("lsp")
+        runs = {r.data.params["run_dir"]: r for r in client.search_runs([exp.experiment_id])}
+        assert len(runs) == 2  # the kill did not orphan a run
+        for key in ("solver/reward_mean", "kl/challenger"):
+            ref = {m.step: m.value for m in client.get_metric_history(runs["straight"].info.run_id, key)}
+            got = client.get_metric_history(runs["killed"].info.run_id, key)
+            assert {m.step for m in got} == set(ref) == set(range(1, 7)), key
+            assert all(m.value == pytest.approx(ref[m.step], rel=1e-6, abs=1e-9) for m in got), key
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+        _stop(server)
