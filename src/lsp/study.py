@@ -105,13 +105,16 @@ RUN_STAMP = "study_run.json"  # in train_dir(arm): what the folder's run was tra
 
 
 def run_stamp(cfg: DictConfig) -> dict:
-    """The fingerprint of one arm's training: its resolved config and the lsp source it ran."""
+    """The fingerprint of one arm's training: its resolved config and the code it ran (the lsp
+    package and pipelines/train.py)."""
     import hashlib
 
     import lsp
 
     code = hashlib.sha256()
-    for f in sorted(Path(lsp.__file__).parent.rglob("*")):
+    # the lsp package and the stage script (pipelines/ beside src/, as in the repository)
+    stage = Path(lsp.__file__).resolve().parents[2] / "pipelines" / "train.py"
+    for f in [*sorted(Path(lsp.__file__).parent.rglob("*")), stage]:
         if f.is_file() and f.suffix in (".py", ".json", ".txt") and "__pycache__" not in f.parts:
             code.update(f.as_posix().encode() + f.read_bytes())
     config = OmegaConf.to_yaml(cfg, resolve=True).encode()
