@@ -5,7 +5,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-cuda test lint
+.PHONY: install install-cuda test lint study
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade "pip>=24" "setuptools>=69,<81" wheel
@@ -27,6 +27,15 @@ install-cuda:
 
 test:
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+# The study (dvc.yaml) in the project's venv, params.yaml composed first from conf/pipeline.yaml:
+#   make study                 -> the default CPU study (study=cpu)
+#   make study STUDY=smoke     -> the 10-minute smoke study; ARGS='algo.beta=0.1' adds overrides
+STUDY ?= cpu
+ARGS ?=
+study:
+	$(BIN)/python pipelines/compose_params.py study=$(STUDY) $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 lint:
 	$(BIN)/ruff check .

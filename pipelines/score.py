@@ -1,6 +1,7 @@
 """DVC stage `score@<arm>`: the arm's selected checkpoint against the base model on AlpacaEval,
 judged through alpaca-eval (win rates overall and per subset, judge sanity report)
--> artifacts/evaluate/<arm>/metrics.json. Reads the generate stages' outputs (nothing regenerated)."""
+-> artifacts/evaluate/<arm>/details.json, metrics/alpaca_eval/<arm>.json (the win rates: DVC
+metrics). Reads the generate stages' outputs (nothing regenerated)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import sys
 from lsp.errors import exit_on_input_error
 from lsp.evaluate import evaluate
 from lsp.evaluation.selection import chosen_path
-from lsp.study import eval_config, load_params, select_dir
+from lsp.study import eval_config, load_params, metrics_file, select_dir, study_logger
 
 
 @exit_on_input_error
 def main(arm: str) -> None:
-    cfg = eval_config(load_params(), arm)
+    params = load_params()
+    cfg = eval_config(params, arm)
+    cfg.logger = study_logger(params, arm, "alpaca_eval")
+    cfg.metrics_file = str(metrics_file("alpaca_eval", arm))
     cfg.candidate.model = chosen_path(select_dir(arm) / "selection.json")[0]
     evaluate(cfg)
 

@@ -1,5 +1,6 @@
 """DVC stage `select@<arm>`: choose the arm's checkpoint by the mean training reward of its
-Solver answers on the project's own validation prompts -> artifacts/select/<arm>/selection.json.
+Solver answers on the project's own validation prompts -> artifacts/select/<arm>/selection.json
+and metrics/select/<arm>.json (the chosen step and its reward: DVC metrics).
 (Not named select.py: a script's folder comes first on sys.path and would shadow stdlib select.)"""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 
 from lsp.errors import exit_on_input_error
 from lsp.select import select
-from lsp.study import load_params, select_dir, train_config, train_dir
+from lsp.study import load_params, metrics_file, select_dir, study_logger, train_config, train_dir
 
 
 @exit_on_input_error
@@ -18,12 +19,12 @@ def main(arm: str) -> None:
     params = load_params()
     trained = train_config(params, arm)  # the same (prepared) model and reward the arm trained with
     cfg = OmegaConf.create({
-        "model": trained.model, "reward": trained.reward, "logger": trained.logger,
-        "run_dir": str(train_dir(arm)), "out_dir": str(select_dir(arm)), "reward_from_run": False,
+        "model": trained.model, "reward": trained.reward, "logger": study_logger(params, arm, "select"),
+        "run_dir": str(train_dir(arm)), "out_dir": str(select_dir(arm)),
+        "metrics_file": str(metrics_file("select", arm)), "reward_from_run": False,
         "validation_prompts": None, "include_base": params.select.include_base,
         "generation": params.select.generation, "device": params.device, "seed": params.seed,
     })
-    cfg.logger.run_name = f"{params.study_name}-select-{arm}"
     select(cfg)
 
 

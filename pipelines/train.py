@@ -1,26 +1,42 @@
 """DVC stage `train@<arm>`: self-play training of one study arm into artifacts/train/<arm>/
-(checkpoints/, history.csv for the DVC plots, samples.jsonl, metrics.json for DVC metrics)."""
+(checkpoints/, history.csv for the DVC plots, samples.jsonl, details.json: the last step's
+metrics) and metrics/train/<arm>.json (the curated DVC metrics, lsp.headline)."""
 
 from __future__ import annotations
 
-import json
 import sys
 
+from lsp import headline
+from lsp.callbacks import read_history
 from lsp.errors import exit_on_input_error
-from lsp.study import load_params, mark_complete, resume_or_clear, train_config, train_dir
+from lsp.evaluation.runtime import atomic_write_json
+from lsp.evaluation.tracking import log_to_existing_run
+from lsp.study import (
+    load_params,
+    mark_complete,
+    metrics_file,
+    resume_or_clear,
+    study_logger,
+    train_config,
+    train_dir,
+)
 from lsp.train import train
 
 
 @exit_on_input_error
 def main(arm: str) -> None:
-    cfg = train_config(load_params(), arm)
+    params = load_params()
+    cfg = train_config(params, arm)
     # a DVC rerun after a kill resumes (same config and code); any other rerun starts afresh
     cfg.resume = resume_or_clear(cfg, arm)
+    cfg.logger = study_logger(params, arm, "train", new_parent=not cfg.resume)
     result = train(cfg)
-    summary = {k: v for k, v in result["metrics"].items()
+    details = {k: v for k, v in result["metrics"].items()
                if k.split("/")[0] in ("solver", "challenger", "self_reward", "kl", "rollout")}
-    summary["global_step"] = result["global_step"]
-    (train_dir(arm) / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_json(train_dir(arm) / "details.json", {**details, "global_step": result["global_step"]})
+    figures = headline.train_figures(read_history(train_dir(arm) / "history.csv"))
+    atomic_write_json(metrics_file("train", arm), figures)
+    log_to_existing_run(cfg.logger, cfg.logger.parent_run_id, headline.numeric(figures, "train"), 0)
     mark_complete(arm)
 
 

@@ -75,7 +75,12 @@ def test_evaluate_end_to_end_then_again_without_rejudging(compose_cfg, workdir, 
     cfg = compose_cfg(*eval_overrides(workdir, strong, weak), f"candidate.model={ckpt}", config_name="evaluate")
     metrics = evaluate(cfg)
     out = workdir / "eval"
-    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert json.loads((out / "details.json").read_text()) == json.loads(json.dumps(metrics))
+    # metrics.json: the headline figures only (lsp.headline)
+    assert json.loads((out / "metrics.json").read_text()) == {
+        "win_rate": round(metrics["vs_base"]["overall"]["win_rate"], 1),
+        "win_se": round(metrics["vs_base"]["overall"]["standard_error"], 1),
+        "lc_win_rate": metrics["vs_base"]["length_controlled"]["reason"]}
     name = generator_name(str(ckpt))
     assert name == "run_step_000005" and metrics["candidate"]["generator"] == name
     for kind in ("vs_base", "vs_reference"):

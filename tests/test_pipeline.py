@@ -84,12 +84,15 @@ def test_smoke_study_end_to_end(clean_copy):
     # IFEval for the base and every arm: DVC metrics, per-prompt records, the report's table
     assert {"ifeval_base"} | {f"ifeval@{a}" for a in arms} <= _ran(first)
     for name in ("base", *arms):
-        m = json.loads((clean_copy / f"artifacts/ifeval/{name}/metrics.json").read_text())
-        assert m["n_prompts"] == 6 and 0 <= m["prompt_level_loose"] <= 1
-        assert (name == "base") != ("vs_base_prompt_loose" in m)
+        m = json.loads((clean_copy / f"metrics/ifeval/{name}.json").read_text())
+        assert 0 <= m["prompt_loose"] <= 100
+        assert (name == "base") != ({"delta", "ci_low", "ci_high", "p"} <= set(m))
+        details = json.loads((clean_copy / f"artifacts/ifeval/{name}/details.json").read_text())
+        assert details["n_prompts"] == 6 and round(100 * details["prompt_level_loose"], 1) == m["prompt_loose"]
         assert len(_lines(clean_copy / f"artifacts/ifeval/{name}/records.jsonl")) == 6
     assert "## Results: IFEval" in report.read_text()
-    assert "prompt_level_loose" in _run([str(BIN / "dvc"), "metrics", "show"], clean_copy)
+    check_curated_metrics(clean_copy, arms)
+    check_study_runs(clean_copy, arms, "workspace")
     prompts = (clean_copy / "artifacts/prompts/grpo.jsonl").read_text().splitlines()
     assert len(prompts) == 64  # the example set, none of it in AlpacaEval
     grpo_queries = {json.loads(r)["query"] for r in _lines(clean_copy / "artifacts/train/grpo/samples.jsonl")}
@@ -113,6 +116,60 @@ def test_smoke_study_end_to_end(clean_copy):
     # LSP and everything after it, the continuation from LSP's checkpoint included; nothing else
     assert {"train@lsp", "select@lsp", "train@lsp_grpo", "score@lsp_grpo", "report"} <= _ran(third)
     assert not {"prepare", "prompts@grpo", "train@lsp_zero", "train@grpo", "generate_base"} & _ran(third)
+    exp = _run([str(BIN / "dvc"), "exp", "ls", "--name-only"], clean_copy).split()
+    assert len(exp) == 1, exp
+    check_study_runs(clean_copy, ("lsp", "lsp_grpo"), exp[0])
+    # the README's comparison of experiments on one figure fits a terminal
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--drop", ".*", "--keep",
+                  "Experiment|^algo.beta$|:prompt_strict$"], clean_copy)
+    assert ":prompt_strict" in shown and max(map(len, shown.splitlines())) <= METRICS_WIDTH, shown
+
+
+METRICS_WIDTH = 160  # "a normal terminal" (the README shows these tables)
+
+
+def check_curated_metrics(root: Path, arms: tuple[str, ...]) -> None:
+    """The DVC metrics are the handful of curated figures (lsp.headline), and their table fits."""
+    shown = _run([str(BIN / "dvc"), "metrics", "show"], root)
+    lines = shown.strip().splitlines()
+    header = lines[0].split()
+    assert header == ["Path", "ci_high", "ci_low", "delta", "kl", "lc_win_rate", "p", "prompt_loose",
+                      "prompt_strict", "reward", "step", "win_rate", "win_se"], shown
+    assert len(lines) == 1 + 4 * len(arms) + 1  # train, select, alpaca_eval, ifeval per arm; base
+    assert max(map(len, lines)) <= METRICS_WIDTH, shown
+    lc = json.loads((root / f"metrics/alpaca_eval/{arms[0]}.json").read_text())["lc_win_rate"]
+    assert lc == "needs the hub (offline)"  # a short reason (the hub is off here), not a traceback
+    diff = _run([str(BIN / "dvc"), "metrics", "diff", "--all"], root)
+    assert max(map(len, diff.splitlines())) <= METRICS_WIDTH, diff
+
+
+def check_study_runs(root: Path, arms: tuple[str, ...], exp: str) -> None:
+    """MLflow: the study's experiment; per model a parent run for this DVC experiment, with its
+    stage runs nested under it, tagged with study, arm, DVC experiment and commit."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lsp-study-smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id])
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    for arm in arms:
+        mine = [r for r in runs if r.data.tags.get("lsp.arm") == arm
+                and r.data.tags["lsp.dvc_exp"] == exp]
+        parents = [r for r in mine if r.data.tags.get("lsp.role") == "parent"]
+        assert len(parents) == 1, (arm, exp, [r.data.tags for r in mine])
+        parent = parents[0]
+        children = {r.data.tags["lsp.stage"]: r for r in mine
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert set(children) == {"train", "select", "alpaca_eval", "ifeval"}, (arm, set(children))
+        for r in (parent, *children.values()):
+            assert r.data.tags["lsp.study"] == "smoke" and r.data.tags["lsp.git_commit"] == commit
+        assert {"train/reward", "select/step", "alpaca_eval/win_rate", "ifeval/prompt_strict"} <= set(parent.data.metrics)
+    if exp == "workspace":
+        base = [r for r in runs if r.data.tags.get("lsp.arm") == "base" and r.data.tags.get("lsp.role") == "parent"]
+        assert len(base) == 1
+        nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == base[0].info.run_id]
+        assert [r.data.tags["lsp.stage"] for r in nested] == ["ifeval"]
 
 
 def _lines(path: Path) -> list[str]:

@@ -1,5 +1,5 @@
 """The study report on small but real inputs: history.csv and samples.jsonl written by the trainer's
-own callbacks, selection.json by `select_checkpoint`, metrics.json assembled from the scoring and
+own callbacks, selection.json by `select_checkpoint`, details.json assembled from the scoring and
 sanity functions `lsp.evaluate` uses (alpaca-eval's `get_winrate` included)."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def write_selection(root: Path, arm: str) -> Path:
     return out
 
 
-# ---- evaluation: metrics.json as lsp.evaluate assembles it -----------------------------------
+# ---- evaluation: details.json as lsp.evaluate assembles it -----------------------------------
 def annotations(seed: int) -> pd.DataFrame:
     rng = random.Random(seed)
     rows = []
@@ -154,7 +154,7 @@ def write_eval(root: Path, arm: str, seed: int, judge: dict) -> Path:
     }
     out = root / "evaluate" / arm
     out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "details.json").write_text(json.dumps(metrics))
     return out
 
 
@@ -182,7 +182,7 @@ def test_full_report(study, tmp_path):
     for name in ("training_curves.png", "win_rates.png", "selection.png"):
         assert_png(out / name)
         assert f"]({name})" in md
-    metrics = json.loads((study["eval"]["lsp"] / "metrics.json").read_text())
+    metrics = json.loads((study["eval"]["lsp"] / "details.json").read_text())
     overall = metrics["vs_base"]["overall"]
     row = next(line for line in md.splitlines() if line.startswith("| lsp | step 2 (score"))
     assert f"{overall['win_rate']:.1f} ± {overall['standard_error']:.1f}" in row
@@ -215,14 +215,14 @@ def test_report_without_evaluation_or_selection(study, tmp_path):
     out = tmp_path / "report"
     (out).mkdir()
     (out / "win_rates.png").write_bytes(b"stale")
-    corrupt = tmp_path / "corrupt" / "metrics.json"
+    corrupt = tmp_path / "corrupt" / "details.json"
     corrupt.parent.mkdir()
     corrupt.write_text("[1, 2")  # an evaluation killed while writing
     missing = {"lsp": tmp_path / "evaluate" / "nope", "lsp_zero": corrupt}
     md = build_report(study["train"], {}, missing, out).read_text()
     assert_png(out / "training_curves.png")
     assert not (out / "win_rates.png").exists() and not (out / "selection.png").exists()
-    assert "No evaluation (`metrics.json`) for: lsp, lsp_zero." in md
+    assert "No evaluation (`details.json`) for: lsp, lsp_zero." in md
     assert "does not exist" in md and "unreadable" in md
     assert "No `selection.json` for any arm." in md
     assert QUERIES[4] in md

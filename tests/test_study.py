@@ -172,3 +172,53 @@ def test_a_killed_arm_resumes_only_with_the_same_config_and_code(tmp_path, monke
     mark_complete("lsp")  # a finished run is rerun only because something changed (or -f)
     assert resume_or_clear(changed, "lsp") is False
     assert not (run / "history.csv").exists()
+
+
+def test_study_runs_nest_under_one_parent_per_arm_in_the_study_experiment(tmp_path, monkeypatch):
+    """study_logger against a real SQLite store: one experiment per study, marked as a training
+    experiment; the arm's stage runs nest under its parent run and carry the study, arm, DVC
+    experiment and commit tags; a retrained arm (new_parent) gets a new parent, later stages nest
+    under it; another DVC experiment gets its own parents; the figures land on the parent."""
+    from mlflow import MlflowClient
+
+    from lsp.evaluation.tracking import log_figures, log_run
+    from lsp.study import study_logger
+
+    params = compose(tmp_path, "study=smoke")
+    params.logger.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params.logger.artifact_location = str(tmp_path / "mlartifacts")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+
+    def stage(name, what, new=False):
+        lg = study_logger(params, name, what, new_parent=new)
+        run = log_run(lg, lg.run_name, {}, {"x": 1.0}, tags={"lsp.stage": what})
+        log_figures(lg, {"step": 2, "note": "text"}, what)
+        return lg.parent_run_id, run
+
+    p1, train1 = stage("lsp", "train", new=True)
+    p1b, select1 = stage("lsp", "select")
+    p2, train2 = stage("lsp", "train", new=True)       # retrained from step 0
+    p2b, score2 = stage("lsp", "alpaca_eval")
+    pbase, ife = stage("base", "ifeval")
+    monkeypatch.setenv("DVC_EXP_NAME", "beta-01")
+    p3, train3 = stage("lsp", "train")                 # another DVC experiment: its own parent
+    assert p1 == p1b and p2 == p2b and len({p1, p2, pbase, p3}) == 4
+
+    client = MlflowClient(params.logger.tracking_uri)
+    experiment = client.get_experiment_by_name("lsp-study-smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 10  # 4 parents, 6 stage runs
+    for child, parent in [(train1, p1), (select1, p1), (train2, p2), (score2, p2), (ife, pbase),
+                          (train3, p3)]:
+        tags = runs[child].data.tags
+        assert tags["mlflow.parentRunId"] == parent
+        assert tags["lsp.study"] == "smoke" and tags["lsp.git_commit"] == "abc123"
+    assert runs[train3].data.tags["lsp.dvc_exp"] == "beta-01"
+    assert runs[score2].data.tags["lsp.dvc_exp"] == "workspace"
+    assert {runs[p].info.run_name for p in (p1, p2, pbase, p3)} == {"lsp", "base", "lsp (beta-01)"}
+    assert runs[p1].data.tags["lsp.role"] == "parent" and runs[p1].info.status == "FINISHED"
+    assert runs[p2].data.metrics == {"train/step": 2.0, "alpaca_eval/step": 2.0}
+    assert runs[select1].info.run_name == "lsp-select"

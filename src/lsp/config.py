@@ -106,6 +106,8 @@ class LoggerSection(Section):
     artifact_location: str | None = None
     run_name: str | None = None
     retry_every_s: NonNegFloat = 30.0  # training (lsp.mlflow_logger)
+    tags: dict[str, str] | None = None  # added to every run (a study's: lsp.study.study_logger)
+    parent_run_id: str | None = None    # the runs nest under it (a study arm's parent run)
 
 
 class GenerationSection(Section):
@@ -309,6 +311,7 @@ class SelectConfig(Section):
     logger: LoggerSection | None = None
     run_dir: Name
     out_dir: Name
+    metrics_file: str | None = None  # the headline figures (lsp.headline); default out_dir/metrics.json
     reward_from_run: bool
     validation_prompts: str | None = None
     include_base: bool
@@ -352,6 +355,7 @@ class CandidateVsBase(Section):
     candidate: CandidateSection
     base: BaseSection
     out_dir: Name
+    metrics_file: str | None = None  # the headline figures (lsp.headline); default: in out_dir
     device: Device
     model_cache_dir: str | None = None
     seed: int

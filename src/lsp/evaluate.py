@@ -2,7 +2,8 @@
 judge through alpaca-eval (the paper's protocol: win rate against the base model's own outputs,
 overall and per subset, sampling at temperature 0.01), with the judge's sanity report.
 
-Writes into `out_dir`: `metrics.json` (for `dvc metrics`), `sanity.json`,
+Writes into `out_dir`: `details.json` (everything measured), `metrics.json` (the headline
+figures, lsp.headline; `metrics_file` puts them elsewhere, as the study does), `sanity.json`,
 `model_outputs/<generator>.json`, `vs_<baseline>/annotations.json`; logs to MLflow. Examples:
     python -m lsp.evaluate eval=quick candidate.model=<run_dir>/checkpoints/step_000200
     python -m lsp.evaluate candidate.selection=artifacts/select/selection.json
@@ -18,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lsp import headline
 from lsp.chat import set_chat_date
 from lsp.config import validate
 from lsp.errors import exit_on_input_error
@@ -32,7 +34,7 @@ from lsp.evaluation.runtime import atomic_write_json, slug
 from lsp.evaluation.sanity import eval_pair_stats, format_sanity, sanity_report
 from lsp.evaluation.scoring import score_head2head
 from lsp.evaluation.selection import chosen_path
-from lsp.evaluation.tracking import flatten, log_run, log_to_existing_run
+from lsp.evaluation.tracking import flatten, log_figures, log_run, log_to_existing_run
 
 ALPACA_EVAL_SIZE = 805  # LC win rates need each instruction's position in the full set
 HUB_V1, HUB_V2 = "alpaca_eval", "alpaca_eval_gpt4_baseline"  # alpaca-eval's hub dataset configs
@@ -122,7 +124,10 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics["sanity"] = {k: v for k, v in sanity.items() if k != "annotations"}
         print(format_sanity(sanity, judge.describe()["annotator"]))
     metrics["seconds_total"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "details.json", metrics)
+    figures = headline.alpaca_figures(metrics)
+    atomic_write_json(cfg.get("metrics_file") or out / "metrics.json", figures)
+    log_figures(cfg.get("logger"), figures, "alpaca_eval")
     print(summary(metrics))
     _log(cfg, name, metrics)
     return metrics
@@ -138,7 +143,7 @@ def summary(metrics: dict) -> str:
                   for s, b in m["subsets"].items()]
         lc = m["length_controlled"]
         lines.append(f"  LC win rate: {lc['length_controlled_winrate']:.1f}" if lc["available"]
-                     else f"  LC win rate: unavailable ({lc['reason'][:100]})")
+                     else f"  LC win rate: unavailable ({lc['reason']})")
     return "\n".join(lines)
 
 
@@ -152,7 +157,7 @@ def _log(cfg: DictConfig, name: str, metrics: dict) -> None:
               **{f"generation.{k}": v for k, v in metrics["generation"].items()}}
     out = Path(cfg.out_dir)
     log_run(cfg.get("logger"), (cfg.get("logger") or {}).get("run_name") or f"evaluate_{name}", params,
-            flat, [out / "metrics.json", out / "sanity.json", out / "vs_base" / "annotations.json"],
+            flat, [out / "details.json", out / "sanity.json", out / "vs_base" / "annotations.json"],
             tags={"lsp.stage": "evaluate", "lsp.candidate": name})
     marker = Path(metrics["candidate"]["model"]) / "lsp_checkpoint.json"
     if marker.is_file():  # a trainer checkpoint: its training run gets the headline numbers too

@@ -4,7 +4,8 @@ Writes, for the base and the candidate, <out_dir>/<name>/records.jsonl (per prom
 pass/fail per instruction, strict and loose, truncated), details.json (the four official figures
 with SEs, accuracy per instruction type, answers that hit max_new_tokens; for the candidate also the
 paired difference against the base with a bootstrap 95% CI and an exact McNemar p-value) and
-metrics.json (the headline figures only). Generation is resumable (<out_dir>/<name>/generations/),
+metrics.json (the headline figures only, lsp.headline; for the candidate `metrics_file` puts
+them elsewhere, as the study does). Generation is resumable (<out_dir>/<name>/generations/),
 and the figures land in MLflow.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lsp import headline
 from lsp.chat import set_chat_date
 from lsp.config import validate
 from lsp.errors import exit_on_input_error
@@ -23,7 +25,7 @@ from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
 from lsp.evaluation.outputs import GenerationSettings, generate_outputs
 from lsp.evaluation.runtime import atomic_write_json
-from lsp.evaluation.tracking import flatten, log_run
+from lsp.evaluation.tracking import flatten, log_figures, log_run
 
 HEADLINE = ife.HEADLINE
 
@@ -47,9 +49,10 @@ def evaluate_model(cfg: DictConfig, prompts: list[dict], spec: str, name: str,
 
 
 def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
-                  base: list[dict] | None = None) -> dict:
-    """<folder>/details.json (everything) and <folder>/metrics.json (the headline figures: what
-    `dvc metrics show` lists); returns the details."""
+                  base: list[dict] | None = None, metrics_file: str | Path | None = None) -> dict:
+    """<folder>/details.json (everything) and the headline figures (lsp.headline: what
+    `dvc metrics show` lists) in `metrics_file` (default <folder>/metrics.json); returns the
+    details."""
     details = {"model": spec, **ife.model_report(records, asdict(settings(cfg)))}
     if base is not None:
         details["vs_base"] = {mode: ife.paired_difference(records, base, mode, cfg.ifeval.n_boot,
@@ -58,7 +61,7 @@ def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
     details["splits"] = ife.split_report(records, held_out_types(cfg), base, cfg.ifeval.n_boot,
                                          cfg.seed)
     atomic_write_json(folder / "details.json", details)
-    atomic_write_json(folder / "metrics.json", ife.headline(details))
+    atomic_write_json(metrics_file or folder / "metrics.json", headline.ifeval_figures(details))
     return details
 
 
@@ -82,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
     if name == cfg.base.name:
         raise ValueError(f"candidate.name must differ from base.name ({name!r})")
     cand = evaluate_model(cfg, prompts, spec, name, out / name)
-    details = write_metrics(cfg, out / name, spec, cand, base)
+    details = write_metrics(cfg, out / name, spec, cand, base, cfg.get("metrics_file"))
     print(format_table({cfg.base.name: base_details, name: details}))
     log_details(cfg, name, details, out / name)
     return details
@@ -108,8 +111,9 @@ def log_details(cfg: DictConfig, name: str, details: dict, folder: Path) -> None
               "n_prompts": details["n_prompts"],
               **{f"generation.{k}": v for k, v in details["generation"].items()}}
     logger = cfg.get("logger") or {}
+    log_figures(cfg.get("logger"), headline.ifeval_figures(details), "ifeval")
     log_run(cfg.get("logger"), logger.get("run_name") or f"ifeval_{name}", params, flat,
-            [folder / "metrics.json", folder / "details.json", folder / "records.jsonl"],
+            [folder / "details.json", folder / "records.jsonl"],
             tags={"lsp.stage": "ifeval", "lsp.candidate": name})
 
 

@@ -2,7 +2,7 @@
 
 Reads, per arm (lsp, lsp_zero, grpo, ...), what the earlier stages wrote: the training run folder
 (`history.csv`, `samples.jsonl`, `config.yaml`), the checkpoint selection (`selection.json`) and the
-evaluation (`metrics.json`). Any of them may be missing (eval not run, no GRPO arm): the report
+evaluation (`details.json`). Any of them may be missing (eval not run, no GRPO arm): the report
 is still written and says what is missing. Writes `<out>/report.md`, `training_curves.png`,
 `win_rates.png`, `selection.png`. Example:
     python -m lsp.report --train-dir lsp=artifacts/train/lsp --select-dir lsp=artifacts/select/lsp \
@@ -88,7 +88,7 @@ def load_arm(name: str, train_dir: Path | None, select_dir: Path | None,
     if config and config.is_file():  # optional: older runs or other trainers may lack it
         arm.config = _read(config, _read_mapping, arm, "run config")
     arm.selection = _read(_file(select_dir, "selection.json"), _read_mapping, arm, "selection")
-    arm.metrics = _read(_file(eval_dir, "metrics.json"), _read_mapping, arm, "evaluation")
+    arm.metrics = _read(_file(eval_dir, "details.json"), _read_mapping, arm, "evaluation")
     return arm
 
 
@@ -133,7 +133,7 @@ def _fenced(text: str) -> list[str]:
 
 # ---- judge and its sanity --------------------------------------------------------------------
 def baselines(arms: list[Arm]) -> list[str]:
-    """`vs_<baseline>` blocks found in any metrics.json: base (the paper's protocol) first."""
+    """`vs_<baseline>` blocks found in any details.json: base (the paper's protocol) first."""
     found = {k for a in arms if a.metrics for k, v in a.metrics.items()
              if k.startswith("vs_") and isinstance(v, dict)}
     return sorted(found, key=lambda k: (k != "vs_base", k))
@@ -215,7 +215,7 @@ def sanity_section(arms: list[Arm]) -> list[str]:
     judged = [a for a in arms if a.metrics]
     if not judged:
         return []
-    return ["**Judge sanity** (qualifies the win rates above; from `metrics.json` `sanity`):", "",
+    return ["**Judge sanity** (qualifies the win rates above; from `details.json` `sanity`):", "",
             *_table(SANITY_HEADER, [sanity_row(a) for a in judged]),
             "Agreement with the strong-judge preference: AlpacaEval 2.0 reference vs 1.0 "
             "reference, which is also the longer one in most pairs (see the longer-wins rule). "
@@ -283,7 +283,7 @@ def results_section(arms: list[Arm], win_png: Path | None) -> list[str]:
     out = ["## Results: AlpacaEval win rates", ""]
     missing = [a.name for a in arms if not a.metrics]
     if missing:
-        out += [f"No evaluation (`metrics.json`) for: {', '.join(missing)}.", ""]
+        out += [f"No evaluation (`details.json`) for: {', '.join(missing)}.", ""]
     if len(missing) == len(arms):
         return out
     out += judge_warnings(arms)
@@ -454,7 +454,7 @@ def _where(path: Path | None, name: str) -> str:
 
 def provenance_section(arms: list[Arm], figures: dict[str, Path | None]) -> list[str]:
     rows = [[a.name, _where(a.train_dir, "history.csv"), _where(a.train_dir, "samples.jsonl"),
-             _where(a.select_dir, "selection.json"), _where(a.eval_dir, "metrics.json")]
+             _where(a.select_dir, "selection.json"), _where(a.eval_dir, "details.json")]
             for a in arms]
     made = [p.name for p in figures.values() if p]
     return [
@@ -465,7 +465,7 @@ def provenance_section(arms: list[Arm], figures: dict[str, Path | None]) -> list
         "resumed run the last row of a repeated step is used).",
         "- `samples.jsonl`: queries, answers and rewards at step 1 and every n steps "
         "(`lsp.callbacks.SampleTable`).",
-        "- `selection.json`: `python -m lsp.select`; `metrics.json`: `python -m lsp.evaluate` "
+        "- `selection.json`: `python -m lsp.select`; `details.json`: `python -m lsp.evaluate` "
         "(alpaca-eval's `get_winrate` overall and per subset; sanity from "
         "`lsp.evaluation.sanity`).",
         f"- Figures: {', '.join(made) if made else 'none (no inputs to plot)'}.", "",
@@ -565,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lsp.report", description=__doc__.splitlines()[0])
     for flag, what in (("--train-dir", "training run folder"), ("--select-dir", "selection "
                        "folder (or selection.json)"), ("--eval-dir", "evaluation folder (or "
-                       "metrics.json)")):
+                       "details.json)")):
         p.add_argument(flag, type=_named, action="append", default=[], metavar="ARM=PATH",
                        help=f"an arm's {what}; repeat per arm")
     p.add_argument("--root", type=Path,

@@ -64,8 +64,7 @@ def train_config(params: DictConfig, arm: str) -> DictConfig:
         cfg.rollout.prompt_file = _prompt_file(spec, arm)
     for key in (k for k in TRAIN_KEYS if k in spec):  # per-arm overrides (e.g. GRPO's lr) win
         cfg[key] = OmegaConf.merge(cfg[key], spec[key]) if isinstance(cfg[key], DictConfig) else spec[key]
-    cfg.logger.run_name = f"{params.study_name}-{arm}"
-    return cfg
+    return cfg  # its logger: study_logger (the pipeline script), outside the run stamp
 
 
 def init_model(params: DictConfig, arm: str) -> str:
@@ -148,6 +147,63 @@ def mark_complete(arm: str) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "complete": True}))
 
 
+# ------------------------------------------------------------------ MLflow: one experiment per study
+
+STUDY_TAGS = ("lsp.study", "lsp.dvc_exp", "lsp.arm")  # what identifies an arm's parent run
+
+
+def study_experiment(params: DictConfig) -> str:
+    return f"lsp-study-{params.study_name}"
+
+
+def git_commit() -> str:
+    """The commit the study runs from: DVC's baseline for `dvc exp run`, else HEAD."""
+    import os
+    import subprocess
+
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def study_logger(params: DictConfig, name: str, stage: str,
+                 new_parent: bool = False) -> DictConfig | None:
+    """The logger config of one stage run of study model `name` (an arm, or the base): the study's
+    own experiment (lsp-study-<study_name>), nested under the model's parent run, tagged with
+    the study, the model, the DVC experiment (DVC_EXP_NAME under `dvc exp run`, else
+    `workspace`) and the git commit. The parent run is the newest one with the same study, DVC
+    experiment and model; `new_parent` (an arm's training from step 0) starts a new one, so a
+    retrained arm's selection and evaluation nest under its new training."""
+    import os
+
+    from lsp.evaluation.tracking import parent_run
+
+    if params.get("logger") is None:
+        return None
+    cfg = OmegaConf.create(OmegaConf.to_container(params.logger, resolve=True))
+    cfg.experiment_name = study_experiment(params)
+    exp = os.environ.get("DVC_EXP_NAME") or "workspace"
+    key = dict(zip(STUDY_TAGS, (str(params.study_name), exp, name), strict=True))
+    tags = {**key, "lsp.git_commit": git_commit()}
+    parent_name = name if exp == "workspace" else f"{name} ({exp})"
+    cfg.parent_run_id = parent_run(cfg, parent_name, {**key, "lsp.role": "parent"}, new_parent,
+                                   extra={"lsp.git_commit": tags["lsp.git_commit"]})
+    cfg.tags = {**tags, "lsp.stage": stage}
+    cfg.run_name = f"{name}-{stage}"
+    return cfg
+
+
+METRICS = Path("metrics")  # the DVC metrics: a few curated figures per stage and model (lsp.headline)
+
+
+def metrics_file(stage: str, name: str) -> Path:
+    return METRICS / stage / f"{name}.json"
+
+
 def select_dir(arm: str) -> Path:
     return ARTIFACTS / "select" / arm
 
@@ -171,7 +227,6 @@ def eval_config(params: DictConfig, name: str) -> DictConfig:
         "device": params.device, "model_cache_dir": params.model_cache_dir, "seed": params.seed,
     })
     use_prepared_base(cfg, params.model.policy, ["eval.judge.model"])
-    cfg.logger.run_name = f"{params.study_name}-evaluate-{name}"
     return cfg
 
 
@@ -192,5 +247,4 @@ def ifeval_config(params: DictConfig, name: str) -> DictConfig:
     })
     if name != "base":
         cfg.candidate.selection = str(select_dir(name) / "selection.json")
-    cfg.logger.run_name = f"{params.study_name}-ifeval-{name}"
     return cfg

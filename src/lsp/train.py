@@ -35,6 +35,7 @@ from lsp.distributed import rank_seed
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.errors import InputError, exit_on_input_error
 from lsp.evaluation.runtime import atomic_write_json
+from lsp.evaluation.tracking import run_tags
 from lsp.mlflow_logger import BufferedMLFlowLogger, open_run
 from lsp.models import (
     ModelPool,
@@ -163,6 +164,7 @@ def build_logger(cfg: DictConfig, run_id: str | None) -> BufferedMLFlowLogger:
             sweep_id = Path(hc.sweep.dir).name  # the folder the summary is written into
     if sweep_id:
         tags["sweep_id"] = str(sweep_id)
+    tags = run_tags(lg, tags)  # a study's tags and parent run (lsp.study.study_logger)
     artifacts = Path(lg.artifact_location).resolve().as_uri() if lg.artifact_location else None
     return BufferedMLFlowLogger(experiment_name=lg.experiment_name, tracking_uri=lg.tracking_uri,
                                 artifact_location=artifacts, run_name=lg.run_name or cfg.name,

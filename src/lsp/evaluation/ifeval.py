@@ -280,26 +280,3 @@ def read_records(path: str | Path) -> list[dict]:
 
 HEADLINE = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
             "instruction_level_loose")
-
-
-def headline(details: dict) -> dict:
-    """The figures a researcher compares (DVC metrics): the four official ones with SEs, the
-    truncation count, and the paired difference against the base."""
-    out = {k: details[k] for k in HEADLINE} | {f"{k}_se": details[f"{k}_se"] for k in HEADLINE}
-    out |= {"n_prompts": details["n_prompts"], "n_truncated": details["n_truncated"]}
-    for mode, d in details.get("vs_base", {}).items():
-        out[f"vs_base_prompt_{mode}"] = _difference(d)
-    for split in ("seen", "held_out"):
-        part = details.get("splits", {}).get(split)
-        if not part or not part.get("n_prompts"):
-            continue
-        out[split] = {"n_prompts": part["n_prompts"],
-                      **{k: part[k] for k in ("prompt_level_strict", "prompt_level_loose")}}
-        for mode, d in part.get("vs_base", {}).items():
-            out[split][f"vs_base_prompt_{mode}"] = _difference(d)
-    return out
-
-
-def _difference(d: dict) -> dict:
-    return {"difference": d["difference"], "ci95_low": d["ci95"][0], "ci95_high": d["ci95"][1],
-            "mcnemar_p": d["mcnemar_p"]}

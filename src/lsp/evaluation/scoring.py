@@ -60,9 +60,9 @@ def length_controlled(annotations: pd.DataFrame, eval_index: dict[str, int] | No
     """alpaca-eval's LC win rate; its GLM needs each instruction's position in the full AlpacaEval
     set (`eval_index`) and `df_gamed.csv` from the hub. Never approximated here."""
     if not enabled:
-        return {"available": False, "reason": "not requested (eval.length_controlled=false)"}
+        return {"available": False, "reason": "not requested (eval.length_controlled)"}
     if eval_index is None or any(q not in eval_index for q in annotations["instruction"]):
-        return {"available": False, "reason": "instructions are not from the 805-instruction set"}
+        return {"available": False, "reason": "needs the 805 AlpacaEval instructions"}
     try:
         from alpaca_eval.metrics import get_length_controlled_winrate
 
@@ -70,9 +70,21 @@ def length_controlled(annotations: pd.DataFrame, eval_index: dict[str, int] | No
         df.index = [eval_index[q] for q in df["instruction"]]
         m = get_length_controlled_winrate(df, save_weights_dir=None)
     except Exception as err:  # offline: the hub download of df_gamed.csv fails
-        return {"available": False, "reason": f"{type(err).__name__}: {str(err)[:300]}"}
+        return {"available": False, "reason": unavailable_reason(err),
+                "error": f"{type(err).__name__}: {str(err)[:300]}"}
     return {"available": True, "length_controlled_winrate": _finite(m["length_controlled_winrate"]),
             "lc_standard_error": _finite(m["lc_standard_error"])}
+
+
+def unavailable_reason(err: Exception) -> str:
+    """A short human reason for a figure that could not be computed (the report, DVC metrics);
+    the exception itself goes beside it as `error`."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    offline = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    if isinstance(err, offline) or "offline" in str(err).lower():
+        return "needs the hub (offline)"
+    return f"failed ({type(err).__name__}, see details.json)"
 
 
 def cached_count(path: str | Path | None) -> int:

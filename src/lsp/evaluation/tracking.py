@@ -46,6 +46,65 @@ def log_to_existing_run(logger_cfg: Mapping | None, run_id: str | None, metrics:
     return True
 
 
+# MLflow 3's UI opens an experiment on its GenAI traces page unless the experiment says it holds
+# model training runs (the UI's own experiment kinds; "custom_model_development" opens on runs).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under it
+
+
+def experiment_id(logger_cfg: Mapping) -> str:
+    """The logger's experiment (created if missing, with its artifact location), marked as a
+    training experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=_uri(logger_cfg))
+    name = logger_cfg.get("experiment_name") or "lsp"
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = logger_cfg.get("artifact_location")
+        try:
+            exp_id = client.create_experiment(
+                name, artifact_location=Path(location).resolve().as_uri() if location else None)
+        except Exception:  # created meanwhile by a parallel job
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = experiment.experiment_id
+        if all(experiment.tags.get(k) == v for k, v in EXPERIMENT_KIND.items()):
+            return exp_id
+    for key, value in EXPERIMENT_KIND.items():
+        client.set_experiment_tag(exp_id, key, value)
+    return exp_id
+
+
+def run_tags(logger_cfg: Mapping, tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The logger config's own tags (a study's: study, arm, DVC experiment, commit), its parent
+    run, and the call's tags."""
+    out = {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
+    if logger_cfg.get("parent_run_id"):
+        out[PARENT_TAG] = str(logger_cfg["parent_run_id"])
+    return out | dict(tags or {})
+
+
+def parent_run(logger_cfg: Mapping, run_name: str, tags: Mapping[str, str], new: bool,
+               extra: Mapping[str, str] | None = None) -> str:
+    """The id of the newest run of the experiment carrying all `tags` (an arm's parent
+    run in a study), or of a new one when `new` or none exists. A parent holds no work of its
+    own: it groups the arm's stage runs and carries their headline figures."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=_uri(logger_cfg))
+    exp_id = experiment_id(logger_cfg)
+    if not new:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+        if found:
+            return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={**tags, **(extra or {})})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
 def log_run(logger_cfg: Mapping | None, run_name: str, params: Mapping, metrics: Mapping[str, float],
             artifacts: Iterable[str | Path] = (), tags: Mapping[str, str] | None = None,
             step_metrics: Iterable[tuple[str, float, int]] = ()) -> str | None:
@@ -55,16 +114,9 @@ def log_run(logger_cfg: Mapping | None, run_name: str, params: Mapping, metrics:
     import mlflow
 
     mlflow.set_tracking_uri(_uri(logger_cfg))
-    name = logger_cfg.get("experiment_name") or "lsp"
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        location = logger_cfg.get("artifact_location")
-        exp_id = mlflow.create_experiment(
-            name, artifact_location=Path(location).resolve().as_uri() if location else None
-        )
-    else:
-        exp_id = experiment.experiment_id
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags or {})) as run:
+    exp_id = experiment_id(logger_cfg)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
+                          tags=run_tags(logger_cfg, tags)) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_metrics(dict(metrics))
         for key, value, step in step_metrics:
@@ -73,3 +125,13 @@ def log_run(logger_cfg: Mapping | None, run_name: str, params: Mapping, metrics:
             if Path(path).exists():
                 mlflow.log_artifact(str(path))
         return run.info.run_id
+
+
+def log_figures(logger_cfg: Mapping | None, figures: Mapping, prefix: str) -> None:
+    """A stage's headline figures (lsp.headline) onto its parent run, `prefix/`-named, when the
+    logger has one (a study): the arms are then compared on their parent runs."""
+    if logger_cfg is None or not logger_cfg.get("parent_run_id"):
+        return
+    from lsp.headline import numeric
+
+    log_to_existing_run(logger_cfg, logger_cfg["parent_run_id"], numeric(figures, prefix), 0)
