@@ -1,17 +1,18 @@
-"""Screenshots of the MLflow UI on a study's store, taken by headless Chromium (not run in CI).
+"""Screenshots of the MLflow UI on a study's store, in headless Chromium driven by Playwright
+(not run in CI; a check a person looks at).
 
-Starts `mlflow ui` on the store, then shoots, at 1600x1000:
-  experiment.png   the study experiment as the UI opens it (`#/experiments/<id>`: the run list,
-                   parents per arm with their stage runs nested, when the experiment is marked
-                   as a training experiment; MLflow 3 opens unmarked ones on GenAI traces)
-  runs.png         the run list (`#/experiments/<id>/runs`)
-  compare.png      the comparison of the arms' parent runs (`#/compare-runs`)
+Starts `mlflow ui` on the store, then shoots:
+  experiment.png   the study experiment as a fresh browser opens it (`#/experiments/<id>`)
+  runs.png         its run list in the UI's "Model training" view
+                   (`#/experiments/<id>/runs?workflowType=machine_learning`), every parent run
+                   expanded: one parent per arm (and the base) with its stage runs nested
+  compare.png      the comparison of the parent runs (`#/compare-runs`), the whole page
 
-    python benchmarks/mlflow_screenshots.py --store <study>/mlflow.db --experiment lsp-study-smoke \
-        --out benchmarks/results/mlflow_ui
+    pip install --target /tmp/pw playwright      # the Python driver only: no browser download
+    PYTHONPATH=/tmp/pw python benchmarks/mlflow_screenshots.py --store <study>/mlflow.db \
+        --experiment lsp-study-smoke --out benchmarks/results/mlflow_ui
 
-Needs Chromium (Debian: apt-get install chromium). Chromium's own `--screenshot` is used, with a
-virtual-time budget so that the page's JavaScript has fetched and drawn the runs.
+Chromium is the system's (Debian: apt-get install chromium), found on the PATH or `--chromium`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--window-size=1600,1000", "--virtual-time-budget=15000"]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def wait_for(url: str, seconds: float = 90) -> None:
@@ -43,10 +42,21 @@ def wait_for(url: str, seconds: float = 90) -> None:
     raise SystemExit(f"the MLflow UI did not answer at {url} within {seconds:.0f} s")
 
 
-def shoot(chromium: str, url: str, path: Path) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={path}", url],
-                       check=True, capture_output=True, timeout=120)
+EXPAND = "button[data-component-id$='runnamecellrenderer.tsx_46']"  # a parent row's [+]
+
+
+def shoot(page, url: str, path: Path, wait_for: str, expand: bool = False) -> None:
+    page.goto(url)
+    page.wait_for_selector(wait_for, timeout=90_000)
+    page.wait_for_timeout(2_000)
+    close = page.get_by_role("button", name="Close")  # the assistant side panel
+    if close.count():
+        close.first.click()
+    if expand:
+        for i in range(page.locator(EXPAND).count()):
+            page.locator(EXPAND).nth(i).click()
+            page.wait_for_timeout(500)
+    page.screenshot(path=str(path), full_page=True)
     print(f"{path} <- {url}")
 
 
@@ -70,12 +80,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", type=Path, required=True, help="the study's mlflow.db")
     p.add_argument("--experiment", default="lsp-study-smoke")
+    p.add_argument("--wait-for", default="lsp_zero", help="a run name the run list shows when drawn")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mlflow_ui"))
     p.add_argument("--port", type=int, default=5077)
+    p.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     args = p.parse_args()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+    if not args.chromium:
         raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
     args.out.mkdir(parents=True, exist_ok=True)
     mlflow = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{args.store.resolve()}",
@@ -85,11 +98,20 @@ def main() -> None:
     try:
         wait_for(f"{base}/health")
         exp = experiment_id(base, args.experiment)
-        shoot(chromium, f"{base}/#/experiments/{exp}", args.out / "experiment.png")
-        shoot(chromium, f"{base}/#/experiments/{exp}/runs", args.out / "runs.png")
         runs = parents(base, exp)
-        query = urllib.parse.urlencode({"runs": json.dumps(runs), "experiments": json.dumps([exp])})
-        shoot(chromium, f"{base}/#/compare-runs?{query}", args.out / "compare.png")
+        # MLflow 3.17's UI takes the experiment's kind from its GenAI / Model training switch
+        # (the URL's workflowType, else the browser's last choice, else GenAI), not from the tag
+        query = urllib.parse.urlencode({"runs": json.dumps(runs), "experiments": json.dumps([exp]),
+                                        "workflowType": "machine_learning"})
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=args.chromium, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            shoot(page, f"{base}/#/experiments/{exp}", args.out / "experiment.png", "text=Experiments")
+            shoot(page, f"{base}/#/experiments/{exp}/runs?workflowType=machine_learning",
+                  args.out / "runs.png", f"text={args.wait_for}", expand=True)
+            page.set_viewport_size({"width": 1600, "height": 2400})  # the page scrolls inside
+            shoot(page, f"{base}/#/compare-runs?{query}", args.out / "compare.png", "text=Run details")
+            browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -44,7 +44,7 @@ def test_ifeval_figures_are_percentages_and_points():
     arm = {**base, "vs_base": {"strict": {"difference": -0.01294, "ci95": [-0.0407, 0.01479],
                                           "mcnemar_p": 0.412345}}}
     assert headline.ifeval_figures(arm) == {"prompt_strict": 17.2, "prompt_loose": 18.5,
-                                            "delta": -1.3, "ci_low": -4.1, "ci_high": 1.5, "p": 0.412}
+                                            "delta": -1.3, "p": 0.412}
 
 
 def test_numeric_keeps_numbers_only():

@@ -86,7 +86,7 @@ def test_smoke_study_end_to_end(clean_copy):
     for name in ("base", *arms):
         m = json.loads((clean_copy / f"metrics/ifeval/{name}.json").read_text())
         assert 0 <= m["prompt_loose"] <= 100
-        assert (name == "base") != ({"delta", "ci_low", "ci_high", "p"} <= set(m))
+        assert (name == "base") != ({"delta", "p"} <= set(m))
         details = json.loads((clean_copy / f"artifacts/ifeval/{name}/details.json").read_text())
         assert details["n_prompts"] == 6 and round(100 * details["prompt_level_loose"], 1) == m["prompt_loose"]
         assert len(_lines(clean_copy / f"artifacts/ifeval/{name}/records.jsonl")) == 6
@@ -133,7 +133,7 @@ def check_curated_metrics(root: Path, arms: tuple[str, ...]) -> None:
     shown = _run([str(BIN / "dvc"), "metrics", "show"], root)
     lines = shown.strip().splitlines()
     header = lines[0].split()
-    assert header == ["Path", "ci_high", "ci_low", "delta", "kl", "lc_win_rate", "p", "prompt_loose",
+    assert header == ["Path", "delta", "kl", "lc_win_rate", "p", "prompt_loose",
                       "prompt_strict", "reward", "step", "win_rate", "win_se"], shown
     assert len(lines) == 1 + 4 * len(arms) + 1  # train, select, alpaca_eval, ifeval per arm; base
     assert max(map(len, lines)) <= METRICS_WIDTH, shown

@@ -220,5 +220,10 @@ def test_study_runs_nest_under_one_parent_per_arm_in_the_study_experiment(tmp_pa
     assert runs[score2].data.tags["lsp.dvc_exp"] == "workspace"
     assert {runs[p].info.run_name for p in (p1, p2, pbase, p3)} == {"lsp", "base", "lsp (beta-01)"}
     assert runs[p1].data.tags["lsp.role"] == "parent" and runs[p1].info.status == "FINISHED"
+    assert runs[p1].data.params == {"algo": "lsp", "beta": "0.05", "init": "artifacts/base/model",
+                                    "reward": "CompositeReward", "max_steps": "2", "self_reward": "logits"}
+    assert runs[pbase].data.params == {"model": "tiny:causal"}
+    # the parent's end time is its last stage's: it spans the arm's stages
+    assert runs[p1].info.end_time >= runs[select1].info.start_time
     assert runs[p2].data.metrics == {"train/step": 2.0, "alpaca_eval/step": 2.0}
     assert runs[select1].info.run_name == "lsp-select"

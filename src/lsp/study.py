@@ -170,6 +170,19 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def parent_params(params: DictConfig, name: str) -> dict:
+    """What tells the arms apart in a run comparison (the full config is the train run's)."""
+    if name not in params.arms:
+        return {"model": params.model.policy}
+    algo = params.arms[name].algo
+    out = {"algo": algo.name, "beta": algo.beta, "init": params.arms[name].init,
+           "reward": str(params.reward.get("_target_", "")).rsplit(".", 1)[-1],
+           "max_steps": params.trainer.max_steps}
+    sr = algo.get("self_reward") or {}
+    out["self_reward"] = sr.get("mode") if sr.get("enabled") else "off"
+    return out
+
+
 def study_logger(params: DictConfig, name: str, stage: str,
                  new_parent: bool = False) -> DictConfig | None:
     """The logger config of one stage run of study model `name` (an arm, or the base): the study's
@@ -191,7 +204,8 @@ def study_logger(params: DictConfig, name: str, stage: str,
     tags = {**key, "lsp.git_commit": git_commit()}
     parent_name = name if exp == "workspace" else f"{name} ({exp})"
     cfg.parent_run_id = parent_run(cfg, parent_name, {**key, "lsp.role": "parent"}, new_parent,
-                                   extra={"lsp.git_commit": tags["lsp.git_commit"]})
+                                   extra={"lsp.git_commit": tags["lsp.git_commit"]},
+                                   params=parent_params(params, name))
     cfg.tags = {**tags, "lsp.stage": stage}
     cfg.run_name = f"{name}-{stage}"
     return cfg

@@ -77,16 +77,16 @@ def experiment_id(logger_cfg: Mapping) -> str:
 
 
 def run_tags(logger_cfg: Mapping, tags: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The logger config's own tags (a study's: study, arm, DVC experiment, commit), its parent
-    run, and the call's tags."""
-    out = {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
+    """The call's tags, then the logger config's own (a study's: study, arm, stage, DVC
+    experiment, commit; they win) and its parent run."""
+    out = dict(tags or {}) | {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
     if logger_cfg.get("parent_run_id"):
         out[PARENT_TAG] = str(logger_cfg["parent_run_id"])
-    return out | dict(tags or {})
+    return out
 
 
 def parent_run(logger_cfg: Mapping, run_name: str, tags: Mapping[str, str], new: bool,
-               extra: Mapping[str, str] | None = None) -> str:
+               extra: Mapping[str, str] | None = None, params: Mapping | None = None) -> str:
     """The id of the newest run of the experiment carrying all `tags` (an arm's parent
     run in a study), or of a new one when `new` or none exists. A parent holds no work of its
     own: it groups the arm's stage runs and carries their headline figures."""
@@ -101,6 +101,8 @@ def parent_run(logger_cfg: Mapping, run_name: str, tags: Mapping[str, str], new:
         if found:
             return found[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={**tags, **(extra or {})})
+    for key, value in (params or {}).items():
+        client.log_param(run.info.run_id, key, str(value)[:500])
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -132,6 +134,10 @@ def log_figures(logger_cfg: Mapping | None, figures: Mapping, prefix: str) -> No
     logger has one (a study): the arms are then compared on their parent runs."""
     if logger_cfg is None or not logger_cfg.get("parent_run_id"):
         return
+    from mlflow import MlflowClient
+
     from lsp.headline import numeric
 
-    log_to_existing_run(logger_cfg, logger_cfg["parent_run_id"], numeric(figures, prefix), 0)
+    if log_to_existing_run(logger_cfg, logger_cfg["parent_run_id"], numeric(figures, prefix), 0):
+        # the parent's end time: its last stage's, so its duration spans the arm's stages
+        MlflowClient(tracking_uri=_uri(logger_cfg)).set_terminated(logger_cfg["parent_run_id"], "FINISHED")
