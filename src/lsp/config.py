@@ -141,6 +141,7 @@ class VLLMSection(Section):
     max_model_len: Annotated[int, rule(lambda v: v >= 16, "must be >= 16 tokens")]
     kv_cache_gb: Annotated[int, rule(lambda v: v >= 1, "must be >= 1 (GiB)")]
     gpu_memory_utilization: Annotated[float, rule(lambda v: 0 < v <= 1, "must be in (0, 1]")]
+    cpu_prefill_tokens: PosInt = 16384
 
 
 class ConstraintsSection(Section):

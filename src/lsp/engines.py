@@ -71,6 +71,7 @@ class VLLMSettings:
     kv_cache_gb: int = 2  # CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for weights + KV cache
     # (colocated with training, which needs the rest)
+    cpu_prefill_tokens: int = 16384  # CPU: prompt tokens one engine step prefills (below)
 
 
 def _vllm_env(settings: VLLMSettings) -> None:
@@ -80,6 +81,22 @@ def _vllm_env(settings: VLLMSettings) -> None:
     # Without OMP_NUM_THREADS, building a CPU engine drops torch to 1 thread "for serving" and
     # then disables torch.set_num_threads: training in the same process would run on one core.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def _groups(lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive request indices whose prompt tokens sum to at most `budget` (a longer prompt
+    alone); one group when there is no budget."""
+    if budget is None:
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if groups[-1] and used + n > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
 
 
 class VLLMEngine:
@@ -103,7 +120,14 @@ class VLLMEngine:
                       getattr(config, "max_position_embeddings", None) or settings.max_model_len)
         self.tokenizer = tokenizer
         start = time.perf_counter()
-        kwargs = {} if device == "cpu" else {"gpu_memory_utilization": settings.gpu_memory_utilization}
+        # CPU: vLLM rewinds a seeded request's generator after a partial (chunked) prefill with a
+        # CUDA-only call ("RuntimeError: CPU Generator does not use offset"), and chunked prefill
+        # cannot be turned off in its V1 engine. So no prompt may be split across steps: a step
+        # takes up to `cpu_prefill_tokens` prompt tokens (at least one whole prompt), and
+        # `generate` submits the prompts in groups that fit (`_groups`).
+        self.prefill_budget = max(settings.cpu_prefill_tokens, max_len) if device == "cpu" else None
+        kwargs = ({"max_num_batched_tokens": self.prefill_budget} if device == "cpu"
+                  else {"gpu_memory_utilization": settings.gpu_memory_utilization})
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, enforce_eager=settings.enforce_eager,
                        max_model_len=max_len, logprobs_mode="processed_logprobs",
                        enable_prefix_caching=True, seed=int(torch.initial_seed() % 2**31),
@@ -115,7 +139,11 @@ class VLLMEngine:
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
         requests = [{"prompt_token_ids": ids[m.bool()].tolist()}
                     for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-        outs = self.llm.generate(requests, self._params(cfg, greedy, len(prompts)), use_tqdm=False)
+        params = self._params(cfg, greedy, len(prompts))  # drawn once: the same seeds however grouped
+        outs = []
+        for group in _groups([len(r["prompt_token_ids"]) for r in requests], self.prefill_budget):
+            outs += self.llm.generate([requests[i] for i in group], [params[i] for i in group],
+                                      use_tqdm=False)
         return self._rollout(enc, [o.outputs[0] for o in outs], list(prompts))
 
     def _params(self, cfg: SamplingConfig, greedy: bool, n: int):
