@@ -10,7 +10,7 @@ from lsp import headline
 from lsp.callbacks import read_history
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.runtime import atomic_write_json
-from lsp.evaluation.tracking import log_to_existing_run
+from lsp.evaluation.tracking import publish_figures
 from lsp.study import (
     load_params,
     mark_complete,
@@ -34,9 +34,8 @@ def main(arm: str) -> None:
     details = {k: v for k, v in result["metrics"].items()
                if k.split("/")[0] in ("solver", "challenger", "self_reward", "kl", "rollout")}
     atomic_write_json(train_dir(arm) / "details.json", {**details, "global_step": result["global_step"]})
-    figures = headline.train_figures(read_history(train_dir(arm) / "history.csv"))
-    atomic_write_json(metrics_file("train", arm), figures)
-    log_to_existing_run(cfg.logger, cfg.logger.parent_run_id, headline.numeric(figures, "train"), 0)
+    publish_figures(headline.train_figures(read_history(train_dir(arm) / "history.csv")),
+                    metrics_file("train", arm), cfg.logger, "train")
     mark_complete(arm)
 
 

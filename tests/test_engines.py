@@ -157,6 +157,8 @@ def test_seeded_sampling_on_cpu_with_prompts_beyond_one_prefill_step(vllm_llama)
     again = engine.generate(prompts, sampling)
     assert first.completion_mask.sum(1).gt(0).all()
     assert torch.equal(first.completion_ids, again.completion_ids)
+    # greedy: no generators, so one call (prompts split across steps) is safe and not grouped
+    assert engine.generate(prompts, SamplingConfig(max_new_tokens=8), greedy=True).completion_mask.sum(1).gt(0).all()
     # the vLLM limitation itself, in one call (last: the failed requests stay in the engine)
     with pytest.raises(RuntimeError, match="does not use offset"):
         engine.llm.generate(requests, params, use_tqdm=False)

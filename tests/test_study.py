@@ -181,7 +181,7 @@ def test_study_runs_nest_under_one_parent_per_arm_in_the_study_experiment(tmp_pa
     under it; another DVC experiment gets its own parents; the figures land on the parent."""
     from mlflow import MlflowClient
 
-    from lsp.evaluation.tracking import log_figures, log_run
+    from lsp.evaluation.tracking import log_run, publish_figures
     from lsp.study import study_logger
 
     params = compose(tmp_path, "study=smoke")
@@ -194,7 +194,7 @@ def test_study_runs_nest_under_one_parent_per_arm_in_the_study_experiment(tmp_pa
     def stage(name, what, new=False):
         lg = study_logger(params, name, what, new_parent=new)
         run = log_run(lg, lg.run_name, {}, {"x": 1.0}, tags={"lsp.stage": what})
-        log_figures(lg, {"step": 2, "note": "text"}, what)
+        publish_figures({"step": 2, "note": "text"}, tmp_path / "metrics" / f"{name}-{what}.json", lg, what)
         return lg.parent_run_id, run
 
     p1, train1 = stage("lsp", "train", new=True)
@@ -227,3 +227,4 @@ def test_study_runs_nest_under_one_parent_per_arm_in_the_study_experiment(tmp_pa
     assert runs[p1].info.end_time >= runs[select1].info.start_time
     assert runs[p2].data.metrics == {"train/step": 2.0, "alpaca_eval/step": 2.0}
     assert runs[select1].info.run_name == "lsp-select"
+    assert json.loads((tmp_path / "metrics/lsp-select.json").read_text()) == {"step": 2, "note": "text"}

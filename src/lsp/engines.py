@@ -140,8 +140,9 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": ids[m.bool()].tolist()}
                     for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
         params = self._params(cfg, greedy, len(prompts))  # drawn once: the same seeds however grouped
+        budget = None if greedy else self.prefill_budget  # greedy: no generators to rewind
         outs = []
-        for group in _groups([len(r["prompt_token_ids"]) for r in requests], self.prefill_budget):
+        for group in _groups([len(r["prompt_token_ids"]) for r in requests], budget):
             outs += self.llm.generate([requests[i] for i in group], [params[i] for i in group],
                                       use_tqdm=False)
         return self._rollout(enc, [o.outputs[0] for o in outs], list(prompts))

@@ -34,7 +34,7 @@ from lsp.evaluation.runtime import atomic_write_json, slug
 from lsp.evaluation.sanity import eval_pair_stats, format_sanity, sanity_report
 from lsp.evaluation.scoring import score_head2head
 from lsp.evaluation.selection import chosen_path
-from lsp.evaluation.tracking import flatten, log_figures, log_run, log_to_existing_run
+from lsp.evaluation.tracking import flatten, log_run, log_to_existing_run, publish_figures
 
 ALPACA_EVAL_SIZE = 805  # LC win rates need each instruction's position in the full set
 HUB_V1, HUB_V2 = "alpaca_eval", "alpaca_eval_gpt4_baseline"  # alpaca-eval's hub dataset configs
@@ -125,9 +125,8 @@ def evaluate(cfg: DictConfig) -> dict:
         print(format_sanity(sanity, judge.describe()["annotator"]))
     metrics["seconds_total"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "details.json", metrics)
-    figures = headline.alpaca_figures(metrics)
-    atomic_write_json(cfg.get("metrics_file") or out / "metrics.json", figures)
-    log_figures(cfg.get("logger"), figures, "alpaca_eval")
+    publish_figures(headline.alpaca_figures(metrics), cfg.get("metrics_file") or out / "metrics.json",
+                    cfg.get("logger"), "alpaca_eval")
     print(summary(metrics))
     _log(cfg, name, metrics)
     return metrics

@@ -25,7 +25,7 @@ from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
 from lsp.evaluation.outputs import GenerationSettings, generate_outputs
 from lsp.evaluation.runtime import atomic_write_json
-from lsp.evaluation.tracking import flatten, log_figures, log_run
+from lsp.evaluation.tracking import flatten, log_run, publish_figures
 
 HEADLINE = ife.HEADLINE
 
@@ -61,7 +61,8 @@ def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
     details["splits"] = ife.split_report(records, held_out_types(cfg), base, cfg.ifeval.n_boot,
                                          cfg.seed)
     atomic_write_json(folder / "details.json", details)
-    atomic_write_json(metrics_file or folder / "metrics.json", headline.ifeval_figures(details))
+    publish_figures(headline.ifeval_figures(details), metrics_file or folder / "metrics.json",
+                    cfg.get("logger"), "ifeval")
     return details
 
 
@@ -111,7 +112,6 @@ def log_details(cfg: DictConfig, name: str, details: dict, folder: Path) -> None
               "n_prompts": details["n_prompts"],
               **{f"generation.{k}": v for k, v in details["generation"].items()}}
     logger = cfg.get("logger") or {}
-    log_figures(cfg.get("logger"), headline.ifeval_figures(details), "ifeval")
     log_run(cfg.get("logger"), logger.get("run_name") or f"ifeval_{name}", params, flat,
             [folder / "details.json", folder / "records.jsonl"],
             tags={"lsp.stage": "ifeval", "lsp.candidate": name})

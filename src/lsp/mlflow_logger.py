@@ -36,14 +36,11 @@ class TrackingUnavailableError(InputError):
 def open_run(logger: MLFlowLogger, params: dict | None) -> None:
     """Create (or reopen) the run and log the config: the one MLflow call a run cannot start
     without, so an unreachable store is a clear error here rather than mid-run."""
-    from lsp.evaluation.tracking import EXPERIMENT_KIND
+    from lsp.evaluation.tracking import mark_training
 
     try:
         _ = logger.run_id
-        experiment = logger.experiment.get_experiment(logger.experiment_id)
-        for key, value in EXPERIMENT_KIND.items():  # the UI opens on runs, not on traces
-            if experiment.tags.get(key) != value:
-                logger.experiment.set_experiment_tag(logger.experiment_id, key, value)
+        mark_training(logger.experiment, logger.experiment_id)
         if params is not None:
             logger.log_hyperparams(params)
     except Exception as err:  # MlflowException, requests' ConnectionError, sqlite errors, ...

@@ -22,14 +22,13 @@ from lsp.chat import set_chat_date
 from lsp.config import validate
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import GenerationSettings, load_engine, sample_answers
-from lsp.evaluation.runtime import atomic_write_json
 from lsp.evaluation.selection import (
     Candidate,
     list_checkpoints,
     load_validation_prompts,
     select_checkpoint,
 )
-from lsp.evaluation.tracking import log_figures, log_run
+from lsp.evaluation.tracking import log_run, publish_figures
 from lsp.models import resolve_device
 
 
@@ -116,9 +115,8 @@ def select(cfg: DictConfig, scorer=None) -> dict:
     chosen = result["chosen"]
     print(f"Chosen: step {chosen['step']} (mean reward {chosen['score']:.4f}) of "
           f"{[(c['step'], round(c['score'], 4)) for c in result['candidates']]}")
-    figures = headline.select_figures(result)
-    atomic_write_json(cfg.get("metrics_file") or Path(cfg.out_dir) / "metrics.json", figures)
-    log_figures(cfg.get("logger"), figures, "select")
+    publish_figures(headline.select_figures(result),
+                    cfg.get("metrics_file") or Path(cfg.out_dir) / "metrics.json", cfg.get("logger"), "select")
     log_run(cfg.get("logger"), (cfg.get("logger") or {}).get("run_name") or f"select_{Path(cfg.run_dir).name}",
             {"run_dir": cfg.run_dir, "reward": reward_cfg.get("_target_"), "n_prompts": len(prompts),
              "validation_prompts": provenance["name"], "n_candidates": len(candidates)},

@@ -69,11 +69,16 @@ def experiment_id(logger_cfg: Mapping) -> str:
             exp_id = client.get_experiment_by_name(name).experiment_id
     else:
         exp_id = experiment.experiment_id
-        if all(experiment.tags.get(k) == v for k, v in EXPERIMENT_KIND.items()):
-            return exp_id
-    for key, value in EXPERIMENT_KIND.items():
-        client.set_experiment_tag(exp_id, key, value)
+    mark_training(client, exp_id)
     return exp_id
+
+
+def mark_training(client, exp_id: str) -> None:
+    """Tag the experiment as a training one (once; the Lightning logger's too, lsp.mlflow_logger)."""
+    tags = client.get_experiment(exp_id).tags
+    for key, value in EXPERIMENT_KIND.items():
+        if tags.get(key) != value:
+            client.set_experiment_tag(exp_id, key, value)
 
 
 def run_tags(logger_cfg: Mapping, tags: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -129,9 +134,14 @@ def log_run(logger_cfg: Mapping | None, run_name: str, params: Mapping, metrics:
         return run.info.run_id
 
 
-def log_figures(logger_cfg: Mapping | None, figures: Mapping, prefix: str) -> None:
-    """A stage's headline figures (lsp.headline) onto its parent run, `prefix/`-named, when the
-    logger has one (a study): the arms are then compared on their parent runs."""
+def publish_figures(figures: Mapping, path: str | Path, logger_cfg: Mapping | None,
+                    prefix: str) -> None:
+    """A stage's headline figures (lsp.headline): atomically to `path` (the DVC metrics file),
+    and onto the parent run, `prefix/`-named, when the logger has one (a study): the arms are
+    then compared on their parent runs."""
+    from lsp.evaluation.runtime import atomic_write_json
+
+    atomic_write_json(path, figures)
     if logger_cfg is None or not logger_cfg.get("parent_run_id"):
         return
     from mlflow import MlflowClient
