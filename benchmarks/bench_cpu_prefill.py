@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from lsp.chat import render_chat
-from lsp.engines import VLLMEngine, VLLMSettings, _groups
+from lsp.engines.sampling import SamplingConfig
+from lsp.engines.vllm import VLLMEngine, VLLMSettings, _groups
 from lsp.evaluation.ifeval import load_prompts
 from lsp.models import load_tokenizer, resolve_model
-from lsp.rollout import SamplingConfig
 
 IFEVAL = Path(__file__).resolve().parents[2] / "shared" / "ifeval" / "input_data.jsonl"
 

@@ -1,4 +1,4 @@
-"""Seconds per step at 1 and at 2 data-parallel processes (lsp.distributed), same machine, one
+"""Seconds per step at 1 and at 2 data-parallel processes (lsp.selfplay.distributed), same machine, one
 run after the other, alternating: `python -m lsp.train` as a user runs it, the median of
 `perf/step_s` over the steps after the first (history.csv; the first carries warm-up).
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsp.callbacks import read_history
+from lsp.selfplay.callbacks import read_history
 
 SETTINGS = {  # experiment -> (overrides, steps)
     "smoke": (["rollout.num_queries=4", "rollout.group_size=4"], 6),

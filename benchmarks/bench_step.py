@@ -15,7 +15,7 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subproce
 Both systems: the embedded SmolLM2-135M-Instruct, 4 prompts x 4 answers, at most 64 new tokens,
 temperature 1, beta 0.05 (a frozen reference model in memory), lr 3e-6, one optimiser step per
 step, no gradient checkpointing, and the same trivial deterministic reward
-(`lsp.rewards.LengthReward`: 0.01 per character of the answer).
+(`lsp.selfplay.rewards.LengthReward`: 0.01 per character of the answer).
 - TRL 1.16 `GRPOTrainer`, fp32 (`bf16=False`, as the TRL reference figure of issue 5; TRL's own
   default on a GPU would be bf16), prompts from a fixed list of instructions.
 - `lsp`: one real step of `SelfPlayModule`, built by `lsp.train.build_module` from
@@ -116,7 +116,7 @@ def run_lsp(steps: int, extra: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from lsp.config import check_models, validate
-    from lsp.data import SelfPlayData
+    from lsp.selfplay.data import SelfPlayData
     from lsp.train import build_module
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -186,7 +186,7 @@ def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False) -> di
     from trl import GRPOConfig, GRPOTrainer
 
     from lsp.models import load_tokenizer, resolve_model
-    from lsp.rewards import LengthReward
+    from lsp.selfplay.rewards import LengthReward
 
     if vllm:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -23,11 +23,12 @@ import torch
 from omegaconf import OmegaConf
 
 from lsp.chat import DEFAULT_CHAT_DATE, render_chat, set_chat_date
+from lsp.engines.own import generate
+from lsp.engines.sampling import SamplingConfig
 from lsp.evaluation.selection import load_validation_prompts
-from lsp.logprobs import completion_logprobs, masked_sum
 from lsp.models import load_causal_lm, load_tokenizer, resolve_model
-from lsp.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_challenger_prompt
-from lsp.rollout import SamplingConfig, generate
+from lsp.selfplay.logprobs import completion_logprobs, masked_sum
+from lsp.selfplay.prompts import DEFAULT_TASK, DEFAULT_TEMPLATE, render_challenger_prompt
 
 
 def sequence_log_ratios(policy, reference, rollout) -> list[float]:

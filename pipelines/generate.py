@@ -8,7 +8,7 @@ import sys
 from lsp.errors import exit_on_input_error
 from lsp.evaluate import generate_only
 from lsp.evaluation.selection import chosen_path
-from lsp.study import BASE_MODEL, eval_config, generate_dir, load_params, select_dir
+from lsp.study.params import BASE_MODEL, eval_config, generate_dir, load_params, select_dir
 
 
 @exit_on_input_error

@@ -13,7 +13,7 @@ from lsp.errors import exit_on_input_error
 from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
 from lsp.ifeval import evaluate_model, format_table, log_details, write_metrics
-from lsp.study import ifeval_config, ifeval_dir, load_params, metrics_file, study_logger
+from lsp.study.params import ifeval_config, ifeval_dir, load_params, metrics_file, study_logger
 
 
 @exit_on_input_error

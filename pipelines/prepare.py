@@ -10,7 +10,7 @@ import tempfile
 
 from lsp.errors import exit_on_input_error
 from lsp.models import resolve_model
-from lsp.study import BASE_MODEL, load_params
+from lsp.study.params import BASE_MODEL, load_params
 
 
 @exit_on_input_error

@@ -9,9 +9,9 @@ import sys
 
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import load_eval_set
-from lsp.evaluation.runtime import atomic_write_text
-from lsp.prompts import clean_instructions, load_prompt_file
-from lsp.study import load_params, prompts_path
+from lsp.io import atomic_write_text
+from lsp.selfplay.prompts import clean_instructions, load_prompt_file
+from lsp.study.params import load_params, prompts_path
 
 
 @exit_on_input_error

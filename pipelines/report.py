@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lsp.errors import exit_on_input_error
-from lsp.report import build_report
-from lsp.study import evaluate_dir, load_params, select_dir, train_dir
+from lsp.study.params import evaluate_dir, load_params, select_dir, train_dir
+from lsp.study.report import build_report
 
 
 @exit_on_input_error

@@ -11,7 +11,14 @@ from omegaconf import OmegaConf
 
 from lsp.errors import exit_on_input_error
 from lsp.select import select
-from lsp.study import load_params, metrics_file, select_dir, study_logger, train_config, train_dir
+from lsp.study.params import (
+    load_params,
+    metrics_file,
+    select_dir,
+    study_logger,
+    train_config,
+    train_dir,
+)
 
 
 @exit_on_input_error

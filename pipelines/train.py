@@ -1,17 +1,16 @@
 """DVC stage `train@<arm>`: self-play training of one study arm into artifacts/train/<arm>/
 (checkpoints/, history.csv for the DVC plots, samples.jsonl, details.json: the last step's
-metrics) and metrics/train/<arm>.json (the curated DVC metrics, lsp.headline)."""
+metrics) and metrics/train/<arm>.json (the curated DVC metrics, lsp.study.headline)."""
 
 from __future__ import annotations
 
 import sys
 
-from lsp import headline
-from lsp.callbacks import read_history
 from lsp.errors import exit_on_input_error
-from lsp.evaluation.runtime import atomic_write_json
-from lsp.evaluation.tracking import publish_figures
-from lsp.study import (
+from lsp.io import atomic_write_json
+from lsp.selfplay.callbacks import read_history
+from lsp.study import headline
+from lsp.study.params import (
     load_params,
     mark_complete,
     metrics_file,
@@ -20,6 +19,7 @@ from lsp.study import (
     train_config,
     train_dir,
 )
+from lsp.tracking import publish_figures
 from lsp.train import train
 
 

@@ -21,14 +21,14 @@ import lightning as L
 import torch
 
 from lsp.chat import render_chat
-from lsp.data import SelfPlayData
-from lsp.distributed import SelfPlayDDP, rank, world_size
+from lsp.engines.sampling import SamplingConfig
 from lsp.models import ensure_tiny, load_causal_lm, load_tokenizer
-from lsp.module import SelfPlayModule, SelfPlaySettings
-from lsp.records import RewardOutput, Rollout
-from lsp.rollout import SamplingConfig
+from lsp.selfplay.data import SelfPlayData
+from lsp.selfplay.distributed import SelfPlayDDP, rank, world_size
+from lsp.selfplay.module import SelfPlayModule, SelfPlaySettings
+from lsp.selfplay.records import RewardOutput, Rollout
 
-# N = 4 global queries; "" and "   " are degenerate (lsp.prompts.check_queries).
+# N = 4 global queries; "" and "   " are degenerate (lsp.selfplay.prompts.check_queries).
 SCENARIOS = {
     "one_rank_invalid": ["Write a poem about rain.", "Name three colours.", "", "   "],
     "mixed": ["", "Name three colours.", "Write a poem about rain.", "Count to five."],

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lsp.advantages import (
+from lsp.selfplay.advantages import (
     challenger_advantages,
     lsp_advantages,
     selfplay_advantages,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from lsp.callbacks import DegenerationMonitor
+from lsp.selfplay.callbacks import DegenerationMonitor
 
 
 class Recorder:

@@ -43,15 +43,15 @@ TRAIN_CASES = {
     "trainer.accelerator=tpu": "trainer.accelerator='tpu': expected one of",
     "model.share_prefix=maybe": "model.share_prefix='maybe': Input should be a valid boolean",
     # target nodes: the target's signature
-    "+reward.foo=1": "reward.foo: unknown key for lsp.rewards.SequenceClassifierReward (its parameters: model,",
+    "+reward.foo=1": "reward.foo: unknown key for lsp.selfplay.rewards.SequenceClassifierReward (its parameters: model,",
     "reward.batch_size=abc": "reward.batch_size='abc': Input should be a valid integer",
     "algo.self_reward.mode=x": "algo.self_reward.mode='x': Input should be 'logits' or 'generate'",
     "algo.self_reward.enabled=perhaps": "algo.self_reward.enabled='perhaps'",
-    "+callbacks.checkpoint.every=3": "callbacks.checkpoint.every: unknown key for lsp.callbacks.HFCheckpoint",
+    "+callbacks.checkpoint.every=3": "callbacks.checkpoint.every: unknown key for lsp.selfplay.callbacks.HFCheckpoint",
     "+optim.momentum=0.9": "optim.momentum: unknown key for torch.optim.AdamW",
     "optim._target_=torch.optim.Nope": "optim._target_='torch.optim.Nope': cannot be imported",
-    "~reward.model": "reward.model: missing: lsp.rewards.SequenceClassifierReward needs it",
-    "+trainer.strategies.ddp.bogus=1": "trainer.strategies.ddp.bogus: unknown key for lsp.distributed.SelfPlayDDP",
+    "~reward.model": "reward.model: missing: lsp.selfplay.rewards.SequenceClassifierReward needs it",
+    "+trainer.strategies.ddp.bogus=1": "trainer.strategies.ddp.bogus: unknown key for lsp.selfplay.distributed.SelfPlayDDP",
     "trainer.devices=abc": "trainer.devices='abc': expected a count >= 1, -1, 'auto'",
     "device=gpu0": "device='gpu0': expected auto, cpu, cuda, cuda:<index> or mps",
     "callbacks.checkpoint.every_n_steps=0": "callbacks.checkpoint.every_n_steps=0: must be >= 1",
@@ -73,7 +73,7 @@ def test_a_nested_component_of_a_composite_reward_is_checked(compose_cfg):
     cfg = compose_cfg("experiment=smoke", "reward=judge_constraints",
                       "+reward.components.judge.reward.bogus=1")
     with pytest.raises(ConfigError, match="reward.components.judge.reward.bogus: unknown key for "
-                                          "lsp.rewards.LLMJudgeReward"):
+                                          "lsp.selfplay.rewards.LLMJudgeReward"):
         validate(cfg)
 
 

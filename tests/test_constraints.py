@@ -12,9 +12,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lsp import constraints as C
-from lsp.records import RewardOutput
-from lsp.rewards import LengthReward
+from lsp.selfplay import constraints as C
+from lsp.selfplay.records import RewardOutput
+from lsp.selfplay.rewards import LengthReward
 
 QUERY = "Write a short story about a lighthouse keeper."
 NO_COMMA = "punctuation:no_comma"
@@ -260,9 +260,9 @@ class _Spy(_Fixed):
 def _components(length_weight=10.0, constraint_weight=2.0):
     return {
         "length": {"weight": length_weight,
-                   "reward": {"_target_": "lsp.rewards.LengthReward", "per_char": 0.01}},
+                   "reward": {"_target_": "lsp.selfplay.rewards.LengthReward", "per_char": 0.01}},
         "constraints": {"weight": constraint_weight,
-                        "reward": {"_target_": "lsp.constraints.ConstraintReward"}},
+                        "reward": {"_target_": "lsp.selfplay.constraints.ConstraintReward"}},
     }
 
 
@@ -278,7 +278,7 @@ def test_composite_is_the_weighted_sum_with_each_component_exposed():
 
 
 def test_composite_builds_from_a_hydra_config_without_recursion():
-    cfg = {"_target_": "lsp.constraints.CompositeReward", "_recursive_": False,
+    cfg = {"_target_": "lsp.selfplay.constraints.CompositeReward", "_recursive_": False,
            "model": "unused", "components": _components(1.0, 1.0)}
     composite = instantiate(cfg, pool=None)
     assert isinstance(composite.rewards["length"], LengthReward)

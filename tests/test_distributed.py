@@ -1,4 +1,4 @@
-"""Data-parallel self-play (lsp.distributed) on CPU with gloo and 2 real processes."""
+"""Data-parallel self-play (lsp.selfplay.distributed) on CPU with gloo and 2 real processes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lsp.callbacks import list_checkpoints, read_history
 from lsp.config import ConfigError, validate
-from lsp.distributed import SelfPlayDDP, merge_batches, rank_rows, rank_seed
-from lsp.records import QueryCheck, Rollout, SelfPlayBatch
+from lsp.io import list_checkpoints
+from lsp.selfplay.callbacks import read_history
+from lsp.selfplay.distributed import SelfPlayDDP, merge_batches, rank_rows, rank_seed
+from lsp.selfplay.records import QueryCheck, Rollout, SelfPlayBatch
 from lsp.train import build_strategy, check_world
 
 REPO = Path(__file__).resolve().parents[1]

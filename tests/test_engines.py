@@ -15,8 +15,8 @@ from omegaconf import open_dict
 
 from lsp.chat import render_chat
 from lsp.engines import TorchEngine, VLLMEngine
+from lsp.engines.sampling import SamplingConfig
 from lsp.models import byte_level_tokenizer, load_tokenizer
-from lsp.rollout import SamplingConfig
 from lsp.train import train
 
 pytest.importorskip("vllm")
@@ -98,7 +98,7 @@ def test_a_stale_engine_shows_in_the_logprob_gap(vllm_llama):
     from transformers import AutoModelForCausalLM
 
     from lsp.engines import EnginePool, VLLMSettings
-    from lsp.logprobs import completion_logprobs, masked_mean
+    from lsp.selfplay.logprobs import completion_logprobs, masked_mean
 
     tok = load_tokenizer(vllm_llama)
     policy = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32).eval()
@@ -131,7 +131,7 @@ def test_a_model_vllm_cannot_serve_on_cpu_is_a_clear_error(tmp_path):
 
 
 def test_groups_fit_the_prefill_budget():
-    from lsp.engines import _groups
+    from lsp.engines.vllm import _groups
 
     assert _groups([30, 30, 30, 10, 70, 5], 64) == [[0, 1], [2, 3], [4], [5]]  # 70 > 64: alone
     assert _groups([30, 30], None) == [[0, 1]]

@@ -10,8 +10,8 @@ import torch
 
 from lsp.evaluate import evaluate, generator_name
 from lsp.evaluation.outputs import SUBSETS
-from lsp.records import RewardOutput
 from lsp.select import run_reward_config, select
+from lsp.selfplay.records import RewardOutput
 
 
 def write_sets(folder: Path, per_subset: int = 2) -> tuple[Path, Path]:
@@ -76,7 +76,7 @@ def test_evaluate_end_to_end_then_again_without_rejudging(compose_cfg, workdir, 
     metrics = evaluate(cfg)
     out = workdir / "eval"
     assert json.loads((out / "details.json").read_text()) == json.loads(json.dumps(metrics))
-    # metrics.json: the headline figures only (lsp.headline)
+    # metrics.json: the headline figures only (lsp.study.headline)
     assert json.loads((out / "metrics.json").read_text()) == {
         "win_rate": round(metrics["vs_base"]["overall"]["win_rate"], 1),
         "win_se": round(metrics["vs_base"]["overall"]["standard_error"], 1),
@@ -141,7 +141,7 @@ def test_select_end_to_end_on_tiny_checkpoints(compose_cfg, workdir):
 def test_select_uses_the_runs_own_reward(compose_cfg, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("reward:\n  _target_: lsp.rewards.SequenceClassifierReward\n  model: tiny:reward\n")
+    (run / "config.yaml").write_text("reward:\n  _target_: lsp.selfplay.rewards.SequenceClassifierReward\n  model: tiny:reward\n")
     cfg = compose_cfg(f"run_dir={run}", config_name="select")
     reward, source = run_reward_config(cfg)
     assert reward.model == "tiny:reward" and source.endswith("config.yaml")

@@ -11,11 +11,11 @@ import torch
 
 from lsp.evaluation.selection import (
     choose,
-    list_checkpoints,
     load_validation_prompts,
+    run_candidates,
     select_checkpoint,
 )
-from lsp.records import RewardOutput
+from lsp.selfplay.records import RewardOutput
 
 
 def fake_checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
@@ -42,13 +42,13 @@ def test_only_complete_checkpoints_are_candidates(tmp_path):
     fake_checkpoint(tmp_path, 300)
     fake_checkpoint(tmp_path, 100)
     fake_checkpoint(tmp_path, 200, complete=False)  # the trainer died while writing it
-    assert [c.step for c in list_checkpoints(tmp_path)] == [100, 300]
+    assert [c.step for c in run_candidates(tmp_path)] == [100, 300]
 
 
 def test_selection_picks_the_best_of_fake_scored_checkpoints(tmp_path):
     for step in (100, 200, 300):
         fake_checkpoint(tmp_path / "run", step)
-    candidates = list_checkpoints(tmp_path / "run")
+    candidates = run_candidates(tmp_path / "run")
     prompts, provenance = load_validation_prompts()
     scorer = TableScorer({100: 0.2, 200: 0.9, 300: 0.5})
     result = select_checkpoint(candidates, prompts, lambda c, ps: [f"answer from step {c.step}"] * len(ps),
@@ -83,8 +83,8 @@ def test_selection_under_the_constraint_environment(tmp_path):
     # held-out type), and each answer is scored against its own prompt's.
     from omegaconf import OmegaConf
 
-    from lsp.constraints import HELD_OUT_TYPES, ConstraintReward, constraint_score
     from lsp.select import with_constraints
+    from lsp.selfplay.constraints import HELD_OUT_TYPES, ConstraintReward, constraint_score
 
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "seed": 0})
     prompts = ["Name a fruit.", "Describe the sea."]

@@ -1,8 +1,8 @@
 """The fast path computes the same loss and gradients as the plain float32 path (issue 5).
 
 Fast path = what the CPU defaults run: one prompt pass per distinct prompt (`share_prefix`,
-lsp.logprobs), grouped-query attention (lsp.models, `attn_implementation="auto"` on CPU), the
-fused log-prob backward, the `lsp` decoding engine (lsp.rollout) and bf16 autocast.
+lsp.selfplay.logprobs), grouped-query attention (lsp.models, `attn_implementation="auto"` on CPU), the
+fused log-prob backward, the `lsp` decoding engine (lsp.engines.own) and bf16 autocast.
 Plain path = transformers' SDPA attention, every row run in full, float32, `model.generate`.
 
 Stated tolerances, on the smoke model (`tiny:causal`):
@@ -20,21 +20,14 @@ import pytest
 import torch
 import transformers
 
-from lsp import losses
 from lsp.chat import render_chat
-from lsp.logprobs import completion_logprobs
-from lsp.models import byte_level_tokenizer, load_causal_lm, load_tokenizer, resolve_model
-from lsp.records import Rollout
-from lsp.rewards import LengthReward
-from lsp.rollout import (
-    SamplingConfig,
-    _hf_generate,
-    autocast,
-    completion_mask,
-    decode,
-    generate,
-    next_token,
-)
+from lsp.engines.own import _hf_generate, decode, generate
+from lsp.engines.sampling import SamplingConfig, completion_mask, next_token
+from lsp.models import autocast, byte_level_tokenizer, load_causal_lm, load_tokenizer, resolve_model
+from lsp.selfplay import losses
+from lsp.selfplay.logprobs import completion_logprobs
+from lsp.selfplay.records import Rollout
+from lsp.selfplay.rewards import LengthReward
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +149,7 @@ def test_reserved_cache_layer_grows_when_out_of_room():
     """The decoding loop's in-place KV layer falls back to growing like DynamicLayer."""
     from transformers.cache_utils import DynamicLayer
 
-    from lsp.rollout import _reserved_layer_class
+    from lsp.engines.own import _reserved_layer_class
 
     gen = torch.Generator().manual_seed(0)
     k0, v0, k1, v1 = (torch.randn(1, 2, n, 4, generator=gen) for n in (3, 3, 2, 2))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lsp.prompts import QUALITY_MAX_SCORE, parse_quality_score
-from lsp.records import RewardOutput
-from lsp.rewards import quality_scores
+from lsp.selfplay.prompts import QUALITY_MAX_SCORE, parse_quality_score
+from lsp.selfplay.records import RewardOutput
+from lsp.selfplay.rewards import quality_scores
 
 pytestmark = pytest.mark.faults
 
@@ -101,7 +101,7 @@ class InjectAtStep2(Callback):
 
 
 def two_steps_with(cfg, inject):
-    from lsp.data import SelfPlayData
+    from lsp.selfplay.data import SelfPlayData
     from lsp.train import build_module, build_trainer, run_directory
 
     run_dir = run_directory(cfg)
@@ -170,7 +170,7 @@ def test_sigkill_at_random_moments_resumes_exactly(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from lsp.callbacks import MARKER
+    from lsp.io import CHECKPOINT_MARKER as MARKER
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = os.environ | {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
@@ -290,7 +290,7 @@ def test_mlflow_server_outage_queues_metrics_and_training_continues(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from lsp.callbacks import MARKER
+    from lsp.io import CHECKPOINT_MARKER as MARKER
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -378,7 +378,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(compose_cfg, workdir
 
     from transformers import PreTrainedModel
 
-    from lsp.callbacks import CheckpointWriteError, check_checkpoint
+    from lsp.io import CheckpointWriteError, check_checkpoint
     from lsp.train import train
 
     save = PreTrainedModel.save_pretrained
@@ -405,7 +405,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(compose_cfg, workdir
 
 @pytest.mark.parametrize("damage", ["weights", "trainer_state", "marker"])
 def test_resuming_from_a_truncated_checkpoint_names_the_file(compose_cfg, workdir, damage):
-    from lsp.callbacks import CorruptCheckpointError
+    from lsp.io import CorruptCheckpointError
     from lsp.train import train
 
     overrides = ["experiment=smoke", "run_dir=run", "callbacks.checkpoint.every_n_steps=1"]

@@ -1,4 +1,4 @@
-"""The curated figures (lsp.headline): hand-computed values from hand-built stage outputs, and the
+"""The curated figures (lsp.study.headline): hand-computed values from hand-built stage outputs, and the
 short reason an unavailable LC win rate carries."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from lsp import headline
 from lsp.evaluation.scoring import unavailable_reason
+from lsp.study import headline
 
 
 def _history(n: int) -> list[dict]:

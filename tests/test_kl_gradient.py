@@ -1,7 +1,7 @@
 """Exact expected gradients of the training loss, by enumerating every sequence of a tiny policy.
 
 The policy is a real (tiny, random, float64) Llama from transformers; its log-probs come from the
-training code path (`lsp.logprobs.completion_logprobs`). With 3 tokens (EOS among them) and at most
+training code path (`lsp.selfplay.logprobs.completion_logprobs`). With 3 tokens (EOS among them) and at most
 3 new tokens there are 15 completions: [EOS]; [x, EOS]; [x, y, z] with x, y in {a, b} (a length-3
 completion may end without EOS: truncated, as in training). For every such y, p(y) is known, so:
 - the exact sequence KL(pi || pi_ref) = sum_y p(y) (log p(y) - log p_ref(y)) and its gradient come
@@ -19,9 +19,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lsp.advantages import challenger_advantages, lsp_advantages
-from lsp.logprobs import completion_logprobs
-from lsp.losses import policy_loss
+from lsp.selfplay.advantages import challenger_advantages, lsp_advantages
+from lsp.selfplay.logprobs import completion_logprobs
+from lsp.selfplay.losses import policy_loss
 from lsp.train import settings_from
 
 A, B, EOS = 0, 1, 2

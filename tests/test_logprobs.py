@@ -2,7 +2,7 @@ import pytest
 import torch
 import transformers
 
-from lsp.logprobs import completion_logprobs, masked_mean, masked_sum, token_logprobs
+from lsp.selfplay.logprobs import completion_logprobs, masked_mean, masked_sum, token_logprobs
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

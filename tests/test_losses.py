@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from lsp.advantages import lsp_advantages
-from lsp.losses import aggregate, kl_penalty, policy_loss, total_loss
+from lsp.selfplay.advantages import lsp_advantages
+from lsp.selfplay.losses import aggregate, kl_penalty, policy_loss, total_loss
 
 # A tiny batch used by the hand-computed tests: B = 2 sequences, C = 3 token slots.
 LOGP = [[-1.0, -2.0, -3.0], [-0.5, -1.5, -9.0]]

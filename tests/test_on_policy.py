@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lsp.rollout as rollout
+import lsp.engines.own as rollout
 from lsp.chat import render_chat
 from lsp.config import ConfigError, validate
-from lsp.logprobs import completion_logprobs
+from lsp.engines.own import generate
+from lsp.engines.sampling import SamplingConfig, sampling_probs
 from lsp.models import load_causal_lm, load_tokenizer, resolve_model
-from lsp.rollout import SamplingConfig, generate, sampling_probs
+from lsp.selfplay.logprobs import completion_logprobs
 
 
 @pytest.fixture(scope="module")

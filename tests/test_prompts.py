@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lsp.prompts import (
+from lsp.selfplay.prompts import (
     CHALLENGER_PROMPT,
     DEFAULT_TASK,
     DEFAULT_TEMPLATE,

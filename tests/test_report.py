@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lsp.callbacks import MetricsHistory, SampleTable
 from lsp.evaluation.judge import LocalHFJudge
 from lsp.evaluation.sanity import (
     check_metrics,
@@ -24,8 +23,9 @@ from lsp.evaluation.sanity import (
 )
 from lsp.evaluation.scoring import length_controlled, winrate_block
 from lsp.evaluation.selection import Candidate, select_checkpoint
-from lsp.plots import SUBSETS
-from lsp.report import _fenced, build_report, load_arm, main, pick_steps, sanity_verdict
+from lsp.selfplay.callbacks import MetricsHistory, SampleTable
+from lsp.study.plots import SUBSETS
+from lsp.study.report import _fenced, build_report, load_arm, main, pick_steps, sanity_verdict
 
 QUERIES = {1: "Write a haiku about rivers.", 2: "Explain ```code fences``` in Markdown.",
            4: "Prove that sqrt(2) is irrational, step by step."}
@@ -81,7 +81,7 @@ def write_run(root: Path, arm: str, self_reward: bool) -> Path:
         f"algo:\n  name: {arm}\n  beta: 0.05\n"
         f"  self_reward:\n    enabled: {str(self_reward).lower()}\n"
         "rollout:\n  num_queries: 2\n  group_size: 2\noptim:\n  lr: 3.0e-06\n"
-        "model:\n  policy: tiny:causal\nreward:\n  _target_: lsp.rewards.LLMJudgeReward\n")
+        "model:\n  policy: tiny:causal\nreward:\n  _target_: lsp.selfplay.rewards.LLMJudgeReward\n")
     write_samples(run, range(1, 5), self_reward)
     return run
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lsp.models import ModelPool
-from lsp.rewards import (
+from lsp.selfplay.rewards import (
     CUT_MARK,
     LLMJudgeReward,
     QualitySelfReward,

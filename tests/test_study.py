@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from dvc.utils.hydra import compose_and_dump
 
-from lsp.prompts import clean_instructions, load_prompt_file
-from lsp.study import BASE_MODEL, StudyConfigError, load_params, train_config
+from lsp.selfplay.prompts import clean_instructions, load_prompt_file
+from lsp.study.params import BASE_MODEL, StudyConfigError, load_params, train_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -128,16 +128,16 @@ def test_the_cpu_study_rewards_with_judge_and_constraints_and_s_switches_it(tmp_
     params = compose(tmp_path)
     for arm in ("lsp", "lsp_zero"):
         cfg = train_config(params, arm)
-        assert cfg.reward._target_ == "lsp.constraints.CompositeReward"
+        assert cfg.reward._target_ == "lsp.selfplay.constraints.CompositeReward"
         assert set(cfg.reward.components) == {"judge", "constraints"}
         assert cfg.reward.components.judge.reward.model == str(BASE_MODEL)
         assert cfg.rollout.solver.engine == cfg.rollout.challenger.engine == "vllm"
     judge_only = train_config(compose(tmp_path, "reward=llm_judge"), "lsp")
-    assert judge_only.reward._target_ == "lsp.rewards.LLMJudgeReward"
+    assert judge_only.reward._target_ == "lsp.selfplay.rewards.LLMJudgeReward"
     paper = compose(tmp_path, "study=paper")
     assert "Skywork" in paper.reward.model
     switched = compose(tmp_path, "study=paper", "reward=judge_constraints")
-    assert switched.reward._target_ == "lsp.constraints.CompositeReward"
+    assert switched.reward._target_ == "lsp.selfplay.constraints.CompositeReward"
 
 
 def test_params_yaml_is_checked_against_the_study_schema(tmp_path):
@@ -152,7 +152,7 @@ def test_params_yaml_is_checked_against_the_study_schema(tmp_path):
 
 def test_a_killed_arm_resumes_only_with_the_same_config_and_code(tmp_path, monkeypatch):
     """train@<arm>'s outs persist across DVC reruns: resume after a kill, else start afresh."""
-    from lsp.study import RUN_STAMP, mark_complete, resume_or_clear, train_dir
+    from lsp.study.params import RUN_STAMP, mark_complete, resume_or_clear, train_dir
 
     monkeypatch.chdir(tmp_path)
     cfg = train_config(compose(tmp_path), "lsp")
@@ -181,8 +181,8 @@ def test_study_runs_nest_under_one_parent_per_arm_in_the_study_experiment(tmp_pa
     under it; another DVC experiment gets its own parents; the figures land on the parent."""
     from mlflow import MlflowClient
 
-    from lsp.evaluation.tracking import log_run, publish_figures
-    from lsp.study import study_logger
+    from lsp.study.params import study_logger
+    from lsp.tracking import log_run, publish_figures
 
     params = compose(tmp_path, "study=smoke")
     params.logger.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -40,7 +40,7 @@ def test_sweep_tags_runs_and_writes_summary(tmp_path):
 
 
 def test_series_labels_name_the_kl_options_the_sweep_varies():
-    from lsp.sweep import label_series
+    from lsp.study.sweep import label_series
 
     rows = [{"algo": "lsp_zero", "kl_placement": p, "kl_estimator": "k1"}
             for p in ("reward", "loss", "reward")]

@@ -11,9 +11,9 @@ import torch
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
-from lsp.callbacks import RolloutHooks
 from lsp.config import ConfigError, check_models, validate
 from lsp.models import resolve_model
+from lsp.selfplay.callbacks import RolloutHooks
 from lsp.train import train
 
 REQUIRED = ["solver/reward_mean", "solver/reward_std", "challenger/reward_mean", "kl/solver",
@@ -122,7 +122,7 @@ class FirstQueryInvalid(RolloutHooks):
 @pytest.mark.parametrize("rule", ["penalize", "skip"])
 def test_a_mixed_batch_of_valid_and_invalid_queries(compose_cfg, workdir, rule):
     # N = 3 queries, the first invalid: the Solver answers the other two only, and the
-    # Challenger's advantages follow the rule (lsp.advantages.selfplay_advantages).
+    # Challenger's advantages follow the rule (lsp.selfplay.advantages.selfplay_advantages).
     cfg = compose_cfg("experiment=smoke", "trainer.max_steps=1", "rollout.num_queries=3",
                       f"algo.invalid_query={rule}")
     with open_dict(cfg):
@@ -219,7 +219,7 @@ class KeepBatches(RolloutHooks):
 def test_the_constraint_environment_in_training(compose_cfg, workdir):
     # reward=judge_constraints: every valid query reaches the Solver with k constraints appended
     # (never a held-out type); R = 0.1 * judge + the fraction satisfied, each part logged.
-    from lsp.constraints import HELD_OUT_TYPES, constraint_score
+    from lsp.selfplay.constraints import HELD_OUT_TYPES, constraint_score
 
     cfg = compose_cfg("experiment=smoke", "reward=judge_constraints", "rollout.constraints.k=2",
                       "reward.components.judge.reward.model=tiny:causal", "trainer.max_steps=2")

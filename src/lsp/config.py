@@ -23,9 +23,9 @@ from omegaconf.errors import MissingMandatoryValue
 from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-from lsp.advantages import INVALID_QUERY_RULES
 from lsp.errors import InputError
-from lsp.losses import AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
+from lsp.selfplay.advantages import INVALID_QUERY_RULES
+from lsp.selfplay.losses import AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
 
 
 class ConfigError(InputError):
@@ -105,8 +105,8 @@ class LoggerSection(Section):
     tracking_uri: Name
     artifact_location: str | None = None
     run_name: str | None = None
-    retry_every_s: NonNegFloat = 30.0  # training (lsp.mlflow_logger)
-    tags: dict[str, str] | None = None  # added to every run (a study's: lsp.study.study_logger)
+    retry_every_s: NonNegFloat = 30.0  # training (lsp.tracking)
+    tags: dict[str, str] | None = None  # added to every run (a study's: lsp.study.params.study_logger)
     parent_run_id: str | None = None    # the runs nest under it (a study arm's parent run)
 
 
@@ -228,7 +228,7 @@ class TrainerSection(Section):
     num_nodes: PosInt
     strategy: Name
     strategies: dict[str, target_node()]
-    # mixed precision is model.amp (lsp.rollout.autocast: the rollout and log-prob passes too);
+    # mixed precision is model.amp (lsp.models.autocast: the rollout and log-prob passes too);
     # Lightning's *-mixed plugins would autocast only part of the step
     precision: choice("32-true", "32", "bf16-true", "16-true")
     log_every_n_steps: PosInt
@@ -312,7 +312,7 @@ class SelectConfig(Section):
     logger: LoggerSection | None = None
     run_dir: Name
     out_dir: Name
-    metrics_file: str | None = None  # the headline figures (lsp.headline); default out_dir/metrics.json
+    metrics_file: str | None = None  # the headline figures (lsp.study.headline); default out_dir/metrics.json
     reward_from_run: bool
     validation_prompts: str | None = None
     include_base: bool
@@ -356,7 +356,7 @@ class CandidateVsBase(Section):
     candidate: CandidateSection
     base: BaseSection
     out_dir: Name
-    metrics_file: str | None = None  # the headline figures (lsp.headline); default: in out_dir
+    metrics_file: str | None = None  # the headline figures (lsp.study.headline); default: in out_dir
     device: Device
     model_cache_dir: str | None = None
     seed: int
@@ -396,7 +396,7 @@ class IFEvalConfig(CandidateVsBase):
 
 
 class ArmSection(Section):
-    """An arm of the DVC study (lsp.study.train_config): its algo, start, queries, and optional
+    """An arm of the DVC study (lsp.study.params.train_config): its algo, start, queries, and optional
     per-arm overrides of a training section (checked with the arm's whole train config)."""
 
     algo: dict

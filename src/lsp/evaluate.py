@@ -3,7 +3,7 @@ judge through alpaca-eval (the paper's protocol: win rate against the base model
 overall and per subset, sampling at temperature 0.01), with the judge's sanity report.
 
 Writes into `out_dir`: `details.json` (everything measured), `metrics.json` (the headline
-figures, lsp.headline; `metrics_file` puts them elsewhere, as the study does), `sanity.json`,
+figures, lsp.study.headline; `metrics_file` puts them elsewhere, as the study does), `sanity.json`,
 `model_outputs/<generator>.json`, `vs_<baseline>/annotations.json`; logs to MLflow. Examples:
     python -m lsp.evaluate eval=quick candidate.model=<run_dir>/checkpoints/step_000200
     python -m lsp.evaluate candidate.selection=artifacts/select/selection.json
@@ -19,7 +19,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lsp import headline
 from lsp.chat import set_chat_date
 from lsp.config import validate
 from lsp.errors import exit_on_input_error
@@ -30,11 +29,12 @@ from lsp.evaluation.outputs import (
     load_eval_set,
     stratified_subset,
 )
-from lsp.evaluation.runtime import atomic_write_json, slug
 from lsp.evaluation.sanity import eval_pair_stats, format_sanity, sanity_report
 from lsp.evaluation.scoring import score_head2head
 from lsp.evaluation.selection import chosen_path
-from lsp.evaluation.tracking import flatten, log_run, log_to_existing_run, publish_figures
+from lsp.io import atomic_write_json, slug
+from lsp.study import headline
+from lsp.tracking import flatten, log_run, log_to_existing_run, publish_figures
 
 ALPACA_EVAL_SIZE = 805  # LC win rates need each instruction's position in the full set
 HUB_V1, HUB_V2 = "alpaca_eval", "alpaca_eval_gpt4_baseline"  # alpaca-eval's hub dataset configs

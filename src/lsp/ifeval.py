@@ -4,7 +4,7 @@ Writes, for the base and the candidate, <out_dir>/<name>/records.jsonl (per prom
 pass/fail per instruction, strict and loose, truncated), details.json (the four official figures
 with SEs, accuracy per instruction type, answers that hit max_new_tokens; for the candidate also the
 paired difference against the base with a bootstrap 95% CI and an exact McNemar p-value) and
-metrics.json (the headline figures only, lsp.headline; for the candidate `metrics_file` puts
+metrics.json (the headline figures only, lsp.study.headline; for the candidate `metrics_file` puts
 them elsewhere, as the study does). Generation is resumable (<out_dir>/<name>/generations/),
 and the figures land in MLflow.
 """
@@ -17,15 +17,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lsp import headline
 from lsp.chat import set_chat_date
 from lsp.config import validate
 from lsp.errors import exit_on_input_error
 from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
 from lsp.evaluation.outputs import GenerationSettings, generate_outputs
-from lsp.evaluation.runtime import atomic_write_json
-from lsp.evaluation.tracking import flatten, log_run, publish_figures
+from lsp.io import atomic_write_json
+from lsp.study import headline
+from lsp.tracking import flatten, log_run, publish_figures
 
 HEADLINE = ife.HEADLINE
 
@@ -50,7 +50,7 @@ def evaluate_model(cfg: DictConfig, prompts: list[dict], spec: str, name: str,
 
 def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
                   base: list[dict] | None = None, metrics_file: str | Path | None = None) -> dict:
-    """<folder>/details.json (everything) and the headline figures (lsp.headline: what
+    """<folder>/details.json (everything) and the headline figures (lsp.study.headline: what
     `dvc metrics show` lists) in `metrics_file` (default <folder>/metrics.json); returns the
     details."""
     details = {"model": spec, **ife.model_report(records, asdict(settings(cfg)))}
@@ -68,8 +68,8 @@ def write_metrics(cfg: DictConfig, folder: Path, spec: str, records: list[dict],
 
 def held_out_types(cfg: DictConfig) -> list[str]:
     """The instruction types training never draws (ifeval.held_out; null: the training
-    default, lsp.constraints.HELD_OUT_TYPES)."""
-    from lsp.constraints import HELD_OUT_TYPES
+    default, lsp.selfplay.constraints.HELD_OUT_TYPES)."""
+    from lsp.selfplay.constraints import HELD_OUT_TYPES
 
     chosen = OmegaConf.select(cfg, "ifeval.held_out")
     return list(HELD_OUT_TYPES if chosen is None else chosen)

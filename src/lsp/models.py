@@ -15,6 +15,7 @@ Model specs (the `path` of every model config):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -311,3 +312,10 @@ class ModelPool:
                 model = load_sequence_classifier(path, dtype, self.device)
             self._models[key] = (model, load_tokenizer(path))
         return self._models[key]
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None):
+    """bf16 autocast where asked (fp32 master weights stay untouched); a no-op for None."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -17,19 +17,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lsp import headline
 from lsp.chat import set_chat_date
 from lsp.config import validate
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.outputs import GenerationSettings, load_engine, sample_answers
 from lsp.evaluation.selection import (
     Candidate,
-    list_checkpoints,
     load_validation_prompts,
+    run_candidates,
     select_checkpoint,
 )
-from lsp.evaluation.tracking import log_run, publish_figures
 from lsp.models import resolve_device
+from lsp.study import headline
+from lsp.tracking import log_run, publish_figures
 
 
 def model_answers(settings: GenerationSettings, device: str, cache_dir: str | None):
@@ -67,7 +67,7 @@ def run_reward_config(cfg: DictConfig) -> tuple[DictConfig, str]:
 
 
 class ConstraintScorer:
-    """The training reward under the constraint environment (lsp.constraints): each augmented
+    """The training reward under the constraint environment (lsp.selfplay.constraints): each augmented
     validation prompt is scored against the constraints it was given."""
 
     def __init__(self, scorer, constraints: dict[str, list]):
@@ -82,7 +82,7 @@ def with_constraints(cfg: DictConfig, prompts: list[str], scorer):
     """When the reward scores constraints, the validation prompts get them as training queries did
     (the run's rollout.constraints: k, held-out types never drawn), drawn once with cfg.seed, so
     every candidate answers the same augmented prompts. Otherwise unchanged."""
-    from lsp.constraints import ConstraintSampler, accepts_constraints, augment
+    from lsp.selfplay.constraints import ConstraintSampler, accepts_constraints, augment
 
     if not accepts_constraints(scorer):
         return prompts, scorer
@@ -99,7 +99,7 @@ def select(cfg: DictConfig, scorer=None) -> dict:
     validate(cfg, "select")
     set_chat_date(run_chat_date(cfg))
     prompts, provenance = load_validation_prompts(cfg.validation_prompts)
-    candidates = list_checkpoints(cfg.run_dir)
+    candidates = run_candidates(cfg.run_dir)
     if cfg.include_base:
         candidates.insert(0, Candidate(step=0, path=cfg.model.policy))
     reward_cfg, reward_source = run_reward_config(cfg)

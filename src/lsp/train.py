@@ -21,22 +21,18 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from lsp.callbacks import (
+from lsp.chat import set_chat_date
+from lsp.config import ConfigError, check_models, validate
+from lsp.engines import EnginePool, VLLMSettings
+from lsp.engines.sampling import SamplingConfig
+from lsp.errors import InputError, exit_on_input_error
+from lsp.io import (
     CorruptCheckpointError,
+    atomic_write_json,
     check_checkpoint,
     latest_checkpoint,
     list_checkpoints,
 )
-from lsp.chat import set_chat_date
-from lsp.config import ConfigError, check_models, validate
-from lsp.constraints import ConstraintSampler, accepts_constraints
-from lsp.data import SelfPlayData
-from lsp.distributed import rank_seed
-from lsp.engines import EnginePool, VLLMSettings
-from lsp.errors import InputError, exit_on_input_error
-from lsp.evaluation.runtime import atomic_write_json
-from lsp.evaluation.tracking import run_tags
-from lsp.mlflow_logger import BufferedMLFlowLogger, open_run
 from lsp.models import (
     ModelPool,
     amp_dtype,
@@ -45,14 +41,17 @@ from lsp.models import (
     resolve_device,
     resolve_model,
 )
-from lsp.module import SelfPlayModule, SelfPlaySettings
-from lsp.prompts import (
+from lsp.selfplay.constraints import ConstraintSampler, accepts_constraints
+from lsp.selfplay.data import SelfPlayData
+from lsp.selfplay.distributed import rank_seed
+from lsp.selfplay.module import SelfPlayModule, SelfPlaySettings
+from lsp.selfplay.prompts import (
     DEFAULT_TASK,
     DEFAULT_TEMPLATE,
     load_prompt_file,
     render_challenger_prompt,
 )
-from lsp.rollout import SamplingConfig
+from lsp.tracking import BufferedMLFlowLogger, open_run, run_tags
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -164,7 +163,7 @@ def build_logger(cfg: DictConfig, run_id: str | None) -> BufferedMLFlowLogger:
             sweep_id = Path(hc.sweep.dir).name  # the folder the summary is written into
     if sweep_id:
         tags["sweep_id"] = str(sweep_id)
-    tags = run_tags(lg, tags)  # a study's tags and parent run (lsp.study.study_logger)
+    tags = run_tags(lg, tags)  # a study's tags and parent run (lsp.study.params.study_logger)
     artifacts = Path(lg.artifact_location).resolve().as_uri() if lg.artifact_location else None
     return BufferedMLFlowLogger(experiment_name=lg.experiment_name, tracking_uri=lg.tracking_uri,
                                 artifact_location=artifacts, run_name=lg.run_name or cfg.name,
@@ -295,7 +294,7 @@ def train(cfg: DictConfig) -> dict:
         # torchrun / SLURM start every rank itself: each would make its own timestamped folder
         raise ConfigError("invalid config: run_dir is not set: with several processes started by "
                           "torchrun or SLURM, give every rank the same run_dir=<folder>")
-    # each rank its own stream (lsp.distributed.rank_seed; rank 0 = the run's seed)
+    # each rank its own stream (lsp.selfplay.distributed.rank_seed; rank 0 = the run's seed)
     L.seed_everything(rank_seed(cfg.seed, trainer.global_rank), workers=True, verbose=False)
     device = str(trainer.strategy.root_device)
     if device.startswith("cuda"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from lsp.errors import InputError
-from lsp.evaluation.runtime import slug
+from lsp.io import slug
 
 
 class JudgeUnavailableError(InputError, RuntimeError):

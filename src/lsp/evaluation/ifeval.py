@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lsp.errors import InputError
-from lsp.evaluation.runtime import atomic_write_text
+from lsp.io import atomic_write_text, read_jsonl
 
 IFEVAL_HUB = "google/IFEval"
 RECORD_KEYS = {"key": int, "prompt": str, "instruction_id_list": list, "kwargs": list}
@@ -213,7 +213,7 @@ def paired_difference(candidate: Sequence[dict], base: Sequence[dict], mode: str
 
 def split_by_types(records: Sequence[dict], held_out: Sequence[str]) -> dict[str, list[dict]]:
     """`seen`: prompts whose instructions are all of types training may draw; `held_out`: prompts
-    with at least one type training never draws (lsp.constraints.HELD_OUT_TYPES): in-distribution
+    with at least one type training never draws (lsp.selfplay.constraints.HELD_OUT_TYPES): in-distribution
     and transfer, separately."""
     out: dict[str, list[dict]] = {"seen": [], "held_out": []}
     for r in records:
@@ -275,7 +275,7 @@ def write_records(path: str | Path, records: Sequence[dict]) -> None:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return read_jsonl(path)
 
 
 HEADLINE = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose",

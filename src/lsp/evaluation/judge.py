@@ -251,7 +251,7 @@ class LocalHFJudge:
         return p_first, p_valid
 
     def _last_logprobs(self, prompts: list[str]) -> torch.Tensor:
-        from lsp.rollout import autocast
+        from lsp.models import autocast
 
         enc = self._tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(self._model.device)

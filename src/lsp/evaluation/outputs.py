@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lsp.errors import InputError
-from lsp.evaluation.runtime import atomic_write_json, atomic_write_text
+from lsp.io import atomic_write_json, atomic_write_text
 from lsp.models import amp_dtype, resolve_device
 
 RECORD_KEYS = ("instruction", "output", "generator", "dataset")
@@ -174,7 +174,7 @@ def sample_answers(engine, tokenizer, instructions: list[str], settings: Generat
     import torch
 
     from lsp.chat import render_chat
-    from lsp.rollout import SamplingConfig
+    from lsp.engines.sampling import SamplingConfig
 
     torch.manual_seed(settings.seed)
     cfg = SamplingConfig(

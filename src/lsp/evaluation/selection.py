@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lsp.evaluation.runtime import atomic_write_json
+from lsp.io import atomic_write_json, checkpoint_step, list_checkpoints
 
 VALIDATION_PROMPTS = Path(__file__).parent / "validation_prompts.json"
-CHECKPOINT_MARKER = "lsp_checkpoint.json"
 
 
 @dataclass
@@ -29,12 +28,9 @@ class Candidate:
     path: str  # a checkpoint folder, or a model spec (the base model as step 0)
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Candidate]:
-    """Complete checkpoints of a run, by step."""
-    found = []
-    for marker in Path(run_dir).glob(f"checkpoints/*/{CHECKPOINT_MARKER}"):
-        found.append(Candidate(int(json.loads(marker.read_text())["step"]), str(marker.parent)))
-    return sorted(found, key=lambda c: c.step)
+def run_candidates(run_dir: str | Path) -> list[Candidate]:
+    """A run's complete checkpoints, by step."""
+    return [Candidate(checkpoint_step(p), str(p)) for p in list_checkpoints(Path(run_dir) / "checkpoints")]
 
 
 def load_validation_prompts(path: str | Path | None = None) -> tuple[list[str], dict]:

@@ -17,49 +17,19 @@ top-k, then top-p, as transformers applies them):
   shipped with the model) set aside for the call, so that it samples the same distribution.
 """
 
+
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lsp.logprobs import cache_argument, prompt_groups
-from lsp.records import Rollout
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
-    batch_size: int = 64  # rows per generate call (memory bound on large models)
-    engine: str = "lsp"  # lsp: our KV-cache loop (module doc) | hf: transformers generate
-
-
-def autocast(device: str | torch.device, dtype: torch.dtype | None):
-    """bf16 autocast where asked (fp32 master weights stay untouched); a no-op for None."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def completion_mask(completion_ids: Tensor, eos: list[int]) -> tuple[Tensor, Tensor]:
-    """(B, C) ids -> (mask (B, C) with 1 up to and including the first EOS, ended (B,) bool)."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))
-    eos_before = torch.cumsum(is_eos.int(), dim=-1) - is_eos.int()  # EOS count strictly before t
-    return (eos_before == 0).long(), is_eos.any(-1)
+from lsp.engines.sampling import SamplingConfig, completion_mask, eos_ids, next_token
+from lsp.models import autocast
+from lsp.selfplay.logprobs import cache_argument, prompt_groups
+from lsp.selfplay.records import Rollout, concat_rollouts
 
 
 @torch.no_grad()
@@ -205,61 +175,17 @@ def _reserved_layer_class():
     return Reserved
 
 
-def sampling_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
-    """(A, V) logits -> (A, V) the distribution a token is drawn from: temperature, then top-k,
-    then top-p (unnormalised after top-p: the sampler scales by the total)."""
-    logits = logits.float() / cfg.temperature
-    if 0 < cfg.top_k < logits.shape[-1]:
-        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # (A, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (A, V)
-    if cfg.top_p < 1.0:
-        probs = top_p_filter(probs, cfg.top_p)
-    return probs
+
+class TorchEngine:
+    """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`)."""
+
+    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None):
+        self.model, self.tokenizer, self.amp_dtype = model, tokenizer, amp_dtype
+
+    def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
+        return generate(self.model, self.tokenizer, prompts, cfg, self.amp_dtype, greedy)
+
+    def push(self, model) -> None:  # decodes with the model itself: always current
+        return None
 
 
-def next_token(logits: Tensor, cfg: SamplingConfig, greedy: bool = False) -> Tensor:
-    """(A, V) logits -> (A,) token ids: argmax, or a sample from `sampling_probs`."""
-    if greedy:
-        return logits.argmax(-1)
-    probs = sampling_probs(logits, cfg)
-    # Inverse-CDF sampling: the first token whose cumulative probability exceeds u * total.
-    cdf = probs.cumsum(-1)  # (A, V)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)[:, 0]
-
-
-def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
-    """(A, V) probabilities -> the same with everything outside the nucleus zeroed: the
-    smallest set of most likely tokens whose mass reaches top_p (at least one token)."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # mass before this token already enough
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
-
-
-def _pad_to(x: Tensor, width: int, value: int, left: bool) -> Tensor:
-    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
-    return torch.cat([pad, x] if left else [x, pad], dim=1)
-
-
-def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Stack rollouts of different prompt/completion widths into one (left/right re-padding)."""
-    p = max(r.prompt_len for r in parts)
-    c = max(r.completion_mask.shape[1] for r in parts)
-
-    def cat(r: Rollout, x: Tensor, value: int) -> Tensor:
-        prompt = _pad_to(x[:, : r.prompt_len], p, value, left=True)
-        return torch.cat([prompt, _pad_to(x[:, r.prompt_len :], c, value, left=False)], dim=1)
-
-    return Rollout(
-        sequences=torch.cat([cat(r, r.sequences, pad_id) for r in parts]),
-        attention_mask=torch.cat([cat(r, r.attention_mask, 0) for r in parts]),
-        prompt_len=p,
-        completion_mask=torch.cat([_pad_to(r.completion_mask, c, 0, False) for r in parts]),
-        prompts=[s for r in parts for s in r.prompts],
-        completions=[s for r in parts for s in r.completions],
-        truncated=torch.cat([r.truncated for r in parts]),
-        logprobs=None if any(r.logprobs is None for r in parts) else torch.cat(
-            [_pad_to(r.logprobs, c, 0.0, False) for r in parts]),
-    )

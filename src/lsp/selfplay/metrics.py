@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lsp.records import SelfPlayBatch
+from lsp.selfplay.records import SelfPlayBatch
 
 
 def _mean_std(x: torch.Tensor, prefix: str) -> dict[str, float]:

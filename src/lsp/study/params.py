@@ -50,7 +50,7 @@ def train_config(params: DictConfig, arm: str) -> DictConfig:
     cfg.algo = spec.algo
     cfg.name, cfg.run_dir, cfg.resume, cfg.sweep_id = arm, str(train_dir(arm)), False, None
     keys = ["model.policy", "model.reference", "reward.model", "algo.self_reward.model"]
-    # a composite reward's model-backed components (lsp.constraints.CompositeReward)
+    # a composite reward's model-backed components (lsp.selfplay.constraints.CompositeReward)
     keys += [f"reward.components.{n}.reward.model" for n in cfg.reward.get("components") or {}]
     use_prepared_base(cfg, params.model.policy, keys)
     start = init_model(params, arm)
@@ -193,7 +193,7 @@ def study_logger(params: DictConfig, name: str, stage: str,
     retrained arm's selection and evaluation nest under its new training."""
     import os
 
-    from lsp.evaluation.tracking import parent_run
+    from lsp.tracking import parent_run
 
     if params.get("logger") is None:
         return None
@@ -211,7 +211,7 @@ def study_logger(params: DictConfig, name: str, stage: str,
     return cfg
 
 
-METRICS = Path("metrics")  # the DVC metrics: a few curated figures per stage and model (lsp.headline)
+METRICS = Path("metrics")  # the DVC metrics: a few curated figures per stage and model (lsp.study.headline)
 
 
 def metrics_file(stage: str, name: str) -> Path:

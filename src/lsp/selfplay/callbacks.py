@@ -1,7 +1,7 @@
 """Lightning Callbacks: the rollout hooks' implementations and checkpointing.
 
 A callback implements any of `RolloutHooks`' methods; `SelfPlayModule` calls them with the
-step's `SelfPlayBatch` (see lsp.module.HOOKS).
+step's `SelfPlayBatch` (see lsp.selfplay.module.HOOKS).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 from lsp.config import NonNegInt, PosInt
-from lsp.errors import InputError
-from lsp.evaluation.runtime import atomic_write_text
-from lsp.records import SelfPlayBatch
+from lsp.io import CHECKPOINT_MARKER as MARKER
+from lsp.io import CheckpointWriteError, atomic_write_text, latest_checkpoint, list_checkpoints
+from lsp.selfplay.records import SelfPlayBatch
 
 log = logging.getLogger(__name__)
-MARKER = "lsp_checkpoint.json"  # written last: a folder without it is not a checkpoint
 
 
 class RolloutHooks(Callback):
@@ -33,68 +32,14 @@ class RolloutHooks(Callback):
 
 
 def _mlflow(trainer):
-    """The run's MLflow logger (lsp.mlflow_logger.BufferedMLFlowLogger), or None."""
+    """The run's MLflow logger (lsp.tracking.BufferedMLFlowLogger), or None."""
     for logger in trainer.loggers:
         if hasattr(logger, "run_id") and hasattr(logger, "log_table"):
             return logger
     return None
 
 
-# ---- checkpoints ----------------------------------------------------------------------------
-def list_checkpoints(dirpath: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(dirpath)
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if (p / MARKER).exists()]
-    return sorted(done, key=_marker_step)
-
-
-def _marker_step(path: Path) -> int:
-    try:
-        return int(json.loads((path / MARKER).read_text())["step"])
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
-        raise CorruptCheckpointError(f"{path / MARKER}: corrupt marker ({err!r}); delete "
-                                     f"{path} to use the other checkpoints") from None
-
-
-class CheckpointWriteError(InputError):
-    """A checkpoint could not be written (disk full, folder not writable)."""
-
-
-class CorruptCheckpointError(InputError):
-    """A checkpoint folder whose marker says complete but whose files do not read back."""
-
-
-def check_checkpoint(path: Path) -> None:
-    """Cheap integrity checks before resuming: every weight file's safetensors header covers the
-    file, and the trainer state's zip directory (at the file's end) is there. A truncated or
-    overwritten file fails here, naming itself, instead of deep inside a load."""
-    import zipfile
-
-    from safetensors import safe_open
-
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise CorruptCheckpointError(f"{path}: no *.safetensors weights in the checkpoint")
-    for file in weights:
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except Exception as err:  # SafetensorError (truncated, not a safetensors file), OSError
-            raise CorruptCheckpointError(f"{file}: corrupt ({err})") from None
-    state = path / "trainer_state.ckpt"
-    try:
-        zipfile.ZipFile(state).close()
-    except (OSError, zipfile.BadZipFile) as err:
-        raise CorruptCheckpointError(f"{state}: corrupt or missing ({err})") from None
-
-
-def latest_checkpoint(dirpath: str | Path) -> Path | None:
-    found = list_checkpoints(dirpath)
-    return found[-1] if found else None
-
-
+# ---- checkpoints (listing and checks: lsp.io) ---------------------------------------------
 class HFCheckpoint(Callback):
     """Every n steps: the policy as a Hugging Face folder (loads with from_pretrained), plus the
     Lightning state (optimiser, step counters, RNG, callback state) for resuming. Written into a

@@ -3,12 +3,12 @@
 challenger rollout -> [on_challenger_rollout_end] -> solver rollout -> [on_solver_rollout_end]
 -> rewards R and self-reward R_Q -> advantages -> [on_rewards_computed] -> reference log-probs
 -> policy forward/backward in micro-batches -> one optimiser step. No maths here: advantages
-and losses live in `lsp.advantages` / `lsp.losses`.
+and losses live in `lsp.selfplay.advantages` / `lsp.selfplay.losses`.
 
 Departures from / choices beyond the paper (each a named option in conf/):
-- `algo.invalid_query`: degenerate Challenger outputs (`lsp.prompts.check_queries`) are not sent
+- `algo.invalid_query`: degenerate Challenger outputs (`lsp.selfplay.prompts.check_queries`) are not sent
   to the Solver; what they are worth to the Challenger (`penalize` | `skip`) is the pure function
-  `lsp.advantages.selfplay_advantages`. Their KL term is kept in both cases.
+  `lsp.selfplay.advantages.selfplay_advantages`. Their KL term is kept in both cases.
 - Training and reference log-probs are taken under the sampling temperature of their role
   (logits / T), so the gradient and the KL are those of the distribution that was sampled;
   top-k / top-p sampling, under which they would differ, is refused by `lsp.config`.
@@ -17,7 +17,7 @@ Departures from / choices beyond the paper (each a named option in conf/):
 - `trainer.micro_batch_size` splits the forward/backward; every micro-batch is normalised by the
   full step's counts, so the update equals the full-batch one.
 
-Data parallel (`trainer.strategy=ddp`, `lsp.distributed`): every rank plays its share of the
+Data parallel (`trainer.strategy=ddp`, `lsp.selfplay.distributed`): every rank plays its share of the
 step's queries; the ranks' batches are gathered into the global batch, on which advantages,
 hooks' `on_rewards_computed` and metrics are computed identically on every rank; each rank then
 back-propagates its own rows under the global normalisers and the gradients are summed once.
@@ -25,7 +25,7 @@ back-propagates its own rows under the global normalisers and the gradients are 
 the global batch is the rank's batch (the same object) and nothing is communicated.
 
 Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
-prompt once in the reference and training passes (`lsp.logprobs`); the finite-gradient check is
+prompt once in the reference and training passes (`lsp.selfplay.logprobs`); the finite-gradient check is
 the gradient norm (one pass); `retain_freed_memory` keeps glibc from returning the step's
 activations to the OS between steps (CPU).
 """
@@ -44,15 +44,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lsp import advantages as adv
-from lsp import distributed, losses
 from lsp.chat import render_chat
-from lsp.constraints import augment
 from lsp.engines import Engine, TorchEngine
-from lsp.logprobs import completion_logprobs, masked_sum
-from lsp.prompts import check_queries
-from lsp.records import QueryCheck, Rollout, SelfPlayBatch
-from lsp.rollout import SamplingConfig, autocast
+from lsp.engines.sampling import SamplingConfig
+from lsp.models import autocast
+from lsp.selfplay import advantages as adv
+from lsp.selfplay import distributed, losses
+from lsp.selfplay.constraints import augment
+from lsp.selfplay.logprobs import completion_logprobs, masked_sum
+from lsp.selfplay.prompts import check_queries
+from lsp.selfplay.records import QueryCheck, Rollout, SelfPlayBatch
 
 log = logging.getLogger(__name__)
 HOOKS = ("on_challenger_rollout_end", "on_solver_rollout_end", "on_rewards_computed")
@@ -69,7 +70,7 @@ class SelfPlaySettings:
     reject_truncated: bool = True
     beta: float = 0.05
     kl_estimator: str = "k1"
-    kl_placement: str = "reward"  # exact KL gradient (lsp.losses); "loss" = as written
+    kl_placement: str = "reward"  # exact KL gradient (lsp.selfplay.losses); "loss" = as written
     aggregation: str = "seq_sum"
     alpha_ch: float = 1.0
     scale_std: bool = False
@@ -80,7 +81,7 @@ class SelfPlaySettings:
     max_nonfinite_steps: int = 3
     amp_dtype: torch.dtype | None = None
     prompt_queries: list[str] | None = None  # set: GRPO on these prompts, no Challenger
-    share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.logprobs), same maths
+    share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.selfplay.logprobs), same maths
     retain_freed_memory: bool = True  # CPU/glibc: reuse freed heap pages (retain_freed_memory)
 
 
@@ -141,7 +142,7 @@ class SelfPlayModule(L.LightningModule):
         # role -> the engine that samples it (lsp.engines); both default to decoding on the policy.
         default = TorchEngine(policy, tokenizer, settings.amp_dtype)
         self.engines = {"challenger": default, "solver": default} | (engines or {})
-        # lsp.constraints.ConstraintSampler: the environment appends its instructions to every
+        # lsp.selfplay.constraints.ConstraintSampler: the environment appends its instructions to every
         # valid query (when the reward scores them); None: the Solver answers the query as is.
         self.constraints = constraints
 
@@ -392,7 +393,7 @@ class SelfPlayModule(L.LightningModule):
 
     # ---- metrics ----------------------------------------------------------------------------
     def log_step(self, sp: SelfPlayBatch, stats: dict[str, LossStats]) -> None:
-        from lsp.metrics import step_metrics
+        from lsp.selfplay.metrics import step_metrics
 
         metrics = step_metrics(sp, {k: vars(v) for k, v in stats.items()}, self.settings.alpha_ch)
         metrics["train/nonfinite_steps"] = float(self.nonfinite_total)

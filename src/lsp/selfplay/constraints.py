@@ -33,12 +33,12 @@ seeds it (process-wide, `langdetect_seed`) so the same answer always gets the sa
 A CompositeReward config must set `_recursive_: false`, so that Hydra leaves the components to
 CompositeReward, which builds each with the trainer's `pool`:
 
-    _target_: lsp.constraints.CompositeReward
+    _target_: lsp.selfplay.constraints.CompositeReward
     _recursive_: false
     model: ${model.reference}   # unused here (each component names its own)
     components:
-      constraints: {weight: 1.0, reward: {_target_: lsp.constraints.ConstraintReward}}
-      judge: {weight: 0.1, reward: {_target_: lsp.rewards.LLMJudgeReward, model: ...}}
+      constraints: {weight: 1.0, reward: {_target_: lsp.selfplay.constraints.ConstraintReward}}
+      judge: {weight: 0.1, reward: {_target_: lsp.selfplay.rewards.LLMJudgeReward, model: ...}}
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from lsp.evaluation.ifeval import registry
-from lsp.records import RewardOutput
+from lsp.selfplay.records import RewardOutput
 
 # Never drawn in training, so that IFEval can report transfer to instruction types the Solver
 # never saw. About a third of the 25 (8 types; 206 of IFEval's 834 instructions), one from every
@@ -296,7 +296,7 @@ class ConstraintReward:
         """Row i against constraints[i]: B rows, so each query's constraints repeat per answer."""
         if constraints is None:
             raise ValueError("ConstraintReward needs constraints=: the environment's constraints "
-                             "for each row (lsp.constraints.ConstraintSampler)")
+                             "for each row (lsp.selfplay.constraints.ConstraintSampler)")
         if not len(instructions) == len(responses) == len(constraints):
             raise ValueError(f"{len(instructions)} instructions, {len(responses)} responses and "
                              f"{len(constraints)} constraint rows: must be equal")

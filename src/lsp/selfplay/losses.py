@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsp.logprobs import masked_mean, masked_sum
+from lsp.selfplay.logprobs import masked_mean, masked_sum
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")

@@ -69,7 +69,7 @@ class SelfPlayBatch:
     solver_advantages: Tensor | None = None  # (N, G)
     challenger_advantages: Tensor | None = None  # (N,)
     judge_failures: int = 0  # unparseable judge outputs in this step (reward + self-reward)
-    # The constraint environment (lsp.constraints), when the reward scores constraints:
+    # The constraint environment (lsp.selfplay.constraints), when the reward scores constraints:
     constraints: list | None = None  # Nv lists of Constraint appended to the valid queries
     solver_queries: list[str] | None = None  # Nv queries as the Solver saw them (augmented)
     reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (Nv, G)
@@ -82,3 +82,30 @@ class SelfPlayBatch:
 
 def empty_float(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.float32)
+
+
+def _pad_to(x: Tensor, width: int, value: int, left: bool) -> Tensor:
+    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts of different prompt/completion widths into one (left/right re-padding)."""
+    p = max(r.prompt_len for r in parts)
+    c = max(r.completion_mask.shape[1] for r in parts)
+
+    def cat(r: Rollout, x: Tensor, value: int) -> Tensor:
+        prompt = _pad_to(x[:, : r.prompt_len], p, value, left=True)
+        return torch.cat([prompt, _pad_to(x[:, r.prompt_len :], c, value, left=False)], dim=1)
+
+    return Rollout(
+        sequences=torch.cat([cat(r, r.sequences, pad_id) for r in parts]),
+        attention_mask=torch.cat([cat(r, r.attention_mask, 0) for r in parts]),
+        prompt_len=p,
+        completion_mask=torch.cat([_pad_to(r.completion_mask, c, 0, False) for r in parts]),
+        prompts=[s for r in parts for s in r.prompts],
+        completions=[s for r in parts for s in r.completions],
+        truncated=torch.cat([r.truncated for r in parts]),
+        logprobs=None if any(r.logprobs is None for r in parts) else torch.cat(
+            [_pad_to(r.logprobs, c, 0.0, False) for r in parts]),
+    )

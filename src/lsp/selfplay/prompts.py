@@ -35,7 +35,7 @@ the judge's stated verdict is invalid, so the row is a parse failure.
 
 Reward judge (`REWARD_JUDGE_PROMPT`): a general 0-9 quality score, answered as "Score: N". A single
 digit because '0'..'9' are single tokens in the SmolLM2, Llama-3 and our byte-level tokenizers,
-so `lsp.rewards.LLMJudgeReward` can read the whole score distribution from one next-token step.
+so `lsp.selfplay.rewards.LLMJudgeReward` can read the whole score distribution from one next-token step.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import re
 import torch
 from torch import Tensor
 
-from lsp.records import QueryCheck
+from lsp.selfplay.records import QueryCheck
 
 START_MARKER = "<<TEMPLATE START>>"
 END_MARKER = "<<TEMPLATE END>>"

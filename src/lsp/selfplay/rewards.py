@@ -40,7 +40,7 @@ response alone is not enough) and marking the cut with " [...]", so the rubric, 
 judge's answer slot survive. Any small excess left by re-tokenisation is then cut from the START
 of the token sequence, keeping the answer slot (classifier: the last token). In generate mode the
 prompt budget is `max_length - max_new_tokens` and only the text cut applies (prompts go to
-`lsp.rollout.generate` as strings). Judges pass `logits_to_keep=1` (transformers causal LMs) so
+`lsp.engines.own.generate` as strings). Judges pass `logits_to_keep=1` (transformers causal LMs) so
 only the last position's (B, V) logits are ever materialised.
 The score digits must be single tokens and tokenise the same after the prefix as alone
 (`score_token_ids` checks this once and raises a clear error otherwise).
@@ -57,16 +57,16 @@ from torch import Tensor
 
 from lsp.chat import render_chat, render_exchange
 from lsp.config import PosInt
-from lsp.models import ModelPool, dtype_of, resolve_model
-from lsp.prompts import (
+from lsp.engines.sampling import SamplingConfig
+from lsp.models import ModelPool, autocast, dtype_of, resolve_model
+from lsp.selfplay.prompts import (
     QUALITY_MAX_SCORE,
     REWARD_MAX_SCORE,
     parse_quality_score,
     render_quality_prompt,
     render_reward_judge_prompt,
 )
-from lsp.records import RewardOutput
-from lsp.rollout import SamplingConfig, autocast
+from lsp.selfplay.records import RewardOutput
 
 CUT_MARK = " [...]"
 CUT_MARGIN = 4  # tokens: re-tokenising cut text can shift a boundary by a few tokens

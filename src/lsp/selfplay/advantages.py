@@ -14,7 +14,7 @@ Departures from the paper, each off by default:
   population std (``correction=0``), not GRPO's unbiased one, so that groups of one answer
   (G = 1) or a batch of one valid query give 0 / eps = 0 instead of NaN.
 - ``invalid_query`` (``selfplay_advantages``): what a degenerate Challenger output
-  (``lsp.prompts.check_queries``: empty, too long, truncated, an echo of the prompt) is worth. The
+  (``lsp.selfplay.prompts.check_queries``: empty, too long, truncated, an echo of the prompt) is worth. The
   Solver never answers it, so it has no reward-model value; the paper does not say. Rules:
   "penalize" (default): its Challenger reward is the lowest valid Challenger reward of the batch
     minus 1 (worse than any real query), and it takes part in the batch baseline, so the

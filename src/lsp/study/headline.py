@@ -31,7 +31,7 @@ def _r(x: float | None, digits: int) -> float | None:
 
 
 def train_figures(history: Sequence[Mapping]) -> dict:
-    """history.csv rows (lsp.callbacks.read_history: one per step) -> step, reward, kl."""
+    """history.csv rows (lsp.selfplay.callbacks.read_history: one per step) -> step, reward, kl."""
     if not history:
         return {"step": 0}
     tail = list(history)[-max(1, round(len(history) * WINDOW_FRAC)):]
