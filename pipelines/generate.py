@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from lsp.errors import exit_on_input_error
-from lsp.evaluate import generate_only
+from lsp.evaluation.alpaca import generate_only
 from lsp.evaluation.selection import chosen_path
 from lsp.study.params import BASE_MODEL, eval_config, generate_dir, load_params, select_dir
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from lsp.chat import set_chat_date
 from lsp.errors import exit_on_input_error
-from lsp.evaluate import candidate_model
 from lsp.evaluation import ifeval as ife
-from lsp.ifeval import evaluate_model, format_table, log_details, write_metrics
+from lsp.evaluation.ifeval_run import evaluate_model, format_table, log_details, write_metrics
+from lsp.evaluation.selection import candidate_model
 from lsp.study.params import ifeval_config, ifeval_dir, load_params, metrics_file, study_logger
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from lsp.errors import exit_on_input_error
-from lsp.evaluate import evaluate
+from lsp.evaluation.alpaca import evaluate
 from lsp.evaluation.selection import chosen_path
 from lsp.study.params import eval_config, load_params, metrics_file, select_dir, study_logger
 

@@ -10,7 +10,7 @@ import sys
 from omegaconf import OmegaConf
 
 from lsp.errors import exit_on_input_error
-from lsp.select import select
+from lsp.evaluation.selection import select
 from lsp.study.params import (
     load_params,
     metrics_file,

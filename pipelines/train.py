@@ -1,15 +1,15 @@
 """DVC stage `train@<arm>`: self-play training of one study arm into artifacts/train/<arm>/
 (checkpoints/, history.csv for the DVC plots, samples.jsonl, details.json: the last step's
-metrics) and metrics/train/<arm>.json (the curated DVC metrics, lsp.study.headline)."""
+metrics) and metrics/train/<arm>.json (the curated DVC metrics, lsp.headline)."""
 
 from __future__ import annotations
 
 import sys
 
+from lsp import headline
 from lsp.errors import exit_on_input_error
 from lsp.io import atomic_write_json
 from lsp.selfplay.callbacks import read_history
-from lsp.study import headline
 from lsp.study.params import (
     load_params,
     mark_complete,

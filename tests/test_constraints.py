@@ -252,6 +252,8 @@ class _Fixed:
 
 
 class _Spy(_Fixed):
+    takes_constraints = True
+
     def score(self, instructions, responses, constraints=None):
         self.got = constraints
         return super().score(instructions, responses)
@@ -329,3 +331,17 @@ def test_a_constraint_component_without_constraints_is_a_clear_error():
 def test_bad_components_are_named(components, message):
     with pytest.raises(ValueError, match=message):
         C.CompositeReward(pool=None, components=components)
+
+
+def test_taking_constraints_is_declared_not_read_off_the_signature():
+    class Undeclared(_Fixed):  # takes them, but does not say so
+        def score(self, instructions, responses, constraints=None):
+            return super().score(instructions, responses)
+
+    assert C.accepts_constraints(C.ConstraintReward())
+    assert C.accepts_constraints(C.CompositeReward(components={
+        "plain": {"weight": 1.0, "reward": _Fixed([1.0], [False])}}))
+    assert C.accepts_constraints(_Spy([1.0], [False]))
+    assert not C.accepts_constraints(_Fixed([1.0], [False]))
+    assert not C.accepts_constraints(Undeclared([1.0], [False]))
+    assert not C.accepts_constraints(LengthReward())

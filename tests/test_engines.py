@@ -46,7 +46,7 @@ def vllm_llama(tmp_path_factory):
 
 def greedy_ids(engine, prompts) -> list[list[int]]:
     rollout = engine.generate(prompts, GREEDY, greedy=True)
-    return [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids,
+    return [row[m.bool()].tolist() for row, m in zip(rollout.sequences[:, rollout.prompt_len:],
                                                       rollout.completion_mask, strict=True)]
 
 
@@ -156,9 +156,29 @@ def test_seeded_sampling_on_cpu_with_prompts_beyond_one_prefill_step(vllm_llama)
     torch.manual_seed(3)
     again = engine.generate(prompts, sampling)
     assert first.completion_mask.sum(1).gt(0).all()
-    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert torch.equal(first.sequences[:, first.prompt_len:], again.sequences[:, again.prompt_len:])
     # greedy: no generators, so one call (prompts split across steps) is safe and not grouped
     assert engine.generate(prompts, SamplingConfig(max_new_tokens=8), greedy=True).completion_mask.sum(1).gt(0).all()
     # the vLLM limitation itself, in one call (last: the failed requests stay in the engine)
     with pytest.raises(RuntimeError, match="does not use offset"):
         engine.llm.generate(requests, params, use_tqdm=False)
+
+
+def test_lsp_engine_refuses_a_model_without_a_kv_cache_argument():
+    """Checked when the engine is built (no silent fallback to `hf` while decoding)."""
+    from lsp.engines import EnginePool, EngineUnavailableError
+    from lsp.engines.own import generate
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            raise AssertionError("never called")
+
+    model = NoCache()
+    with pytest.raises(EngineUnavailableError, match="engine: lsp needs .* use engine: hf"):
+        TorchEngine(model, None, kind="lsp")
+    pool = EnginePool("cpu")
+    assert pool.get("hf", model, None, "unused") is not None
+    with pytest.raises(EngineUnavailableError, match="use engine: hf"):
+        pool.get("lsp", model, None, "unused")
+    with pytest.raises(EngineUnavailableError, match="use engine: hf"):
+        generate(model, None, ["q"], SamplingConfig(engine="lsp"))

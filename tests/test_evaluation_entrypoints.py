@@ -76,7 +76,7 @@ def test_evaluate_end_to_end_then_again_without_rejudging(compose_cfg, workdir, 
     metrics = evaluate(cfg)
     out = workdir / "eval"
     assert json.loads((out / "details.json").read_text()) == json.loads(json.dumps(metrics))
-    # metrics.json: the headline figures only (lsp.study.headline)
+    # metrics.json: the headline figures only (lsp.headline)
     assert json.loads((out / "metrics.json").read_text()) == {
         "win_rate": round(metrics["vs_base"]["overall"]["win_rate"], 1),
         "win_se": round(metrics["vs_base"]["overall"]["standard_error"], 1),

@@ -145,19 +145,26 @@ def test_length_reward_is_per_char():
     assert not out.parse_failed.any()
 
 
-def test_reserved_cache_layer_grows_when_out_of_room():
-    """The decoding loop's in-place KV layer falls back to growing like DynamicLayer."""
+def test_reserved_cache_layer_writes_in_place_then_grows_when_out_of_room():
+    """The decoding loop's KV layer: the prompt, then one position written into its buffer (no
+    copy of the cache), then, out of room, growth by concatenation like DynamicLayer."""
     from transformers.cache_utils import DynamicLayer
 
     from lsp.engines.own import _reserved_layer_class
 
     gen = torch.Generator().manual_seed(0)
-    k0, v0, k1, v1 = (torch.randn(1, 2, n, 4, generator=gen) for n in (3, 3, 2, 2))
-    layer = DynamicLayer()
+    k0, v0, k1, v1, k2, v2 = (torch.randn(2, 2, n, 4, generator=gen) for n in (3, 3, 1, 1, 2, 2))
+    layer = _reserved_layer_class()(1)  # room for one position past the prompt
+    assert isinstance(layer, DynamicLayer)
     layer.update(k0, v0)
-    layer.__class__ = _reserved_layer_class()
-    layer.reserve(1)  # room for one more position; two arrive
-    keys, values = layer.update(k1, v1)
+    buffer = layer.buffers[0].data_ptr()
+    keys, values = layer.update(k1, v1)  # fits: in place
+    assert keys.data_ptr() == buffer
     torch.testing.assert_close(keys, torch.cat([k0, k1], dim=-2))
-    torch.testing.assert_close(values, torch.cat([v0, v1], dim=-2))
-    assert type(layer) is DynamicLayer
+    layer.batch_select_indices(torch.tensor([1]))  # a row leaves: the buffers follow
+    assert layer.buffers[0].shape[0] == 1 and layer.keys.data_ptr() == layer.buffers[0].data_ptr()
+    keys, values = layer.update(k2[1:], v2[1:])  # two more arrive: out of room
+    torch.testing.assert_close(keys, torch.cat([k0, k1, k2], dim=-2)[1:])
+    torch.testing.assert_close(values, torch.cat([v0, v1, v2], dim=-2)[1:])
+    assert layer.buffers is None and layer.get_seq_length() == 6
+

@@ -1,4 +1,4 @@
-"""The curated figures (lsp.study.headline): hand-computed values from hand-built stage outputs, and the
+"""The curated figures (lsp.headline): hand-computed values from hand-built stage outputs, and the
 short reason an unavailable LC win rate carries."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from lsp import headline, tracking
 from lsp.evaluation.scoring import unavailable_reason
-from lsp.study import headline
 
 
 def _history(n: int) -> list[dict]:
@@ -49,7 +49,7 @@ def test_ifeval_figures_are_percentages_and_points():
 
 def test_numeric_keeps_numbers_only():
     figures = {"win_rate": 51.2, "lc_win_rate": "needs the hub (offline)", "step": 3, "ok": True}
-    assert headline.numeric(figures, "alpaca_eval") == {"alpaca_eval/win_rate": 51.2,
+    assert tracking.numeric(figures, "alpaca_eval") == {"alpaca_eval/win_rate": 51.2,
                                                         "alpaca_eval/step": 3.0}
 
 

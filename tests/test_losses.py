@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lsp.selfplay.advantages import lsp_advantages
-from lsp.selfplay.losses import aggregate, kl_penalty, policy_loss, total_loss
+from lsp.selfplay.losses import aggregate, kl_penalty, policy_loss, role_weight, total_loss
 
 # A tiny batch used by the hand-computed tests: B = 2 sequences, C = 3 token slots.
 LOGP = [[-1.0, -2.0, -3.0], [-0.5, -1.5, -9.0]]
@@ -77,6 +77,7 @@ def test_policy_loss_hand_computed(aggregation, pg_loss, kl_loss):
     torch.testing.assert_close(stats["pg_loss"], torch.tensor(pg_loss))
     torch.testing.assert_close(stats["kl_loss"], torch.tensor(kl_loss))
     torch.testing.assert_close(stats["kl"], torch.tensor(-0.25))  # mean of [-0.5, 0]
+    torch.testing.assert_close(stats["kl_sum"], torch.tensor(-0.5))  # sum of [-0.5, 0]
     torch.testing.assert_close(stats["kl_token_mean"], torch.tensor(-0.1))  # -0.5 / 5
     # -(-1 - 2 - 3 - 0.5 - 1.5) / 5 = 1.6
     torch.testing.assert_close(stats["entropy_proxy"], torch.tensor(1.6))
@@ -277,8 +278,11 @@ def test_k1_in_loss_has_zero_expected_gradient():
 
 
 def test_total_loss():
-    # L_sol + alpha_ch L_ch: 1 + 0.5 * 2 = 2; default alpha_ch = 1: 1 + 2 = 3
-    torch.testing.assert_close(
-        total_loss(torch.tensor(1.0), torch.tensor(2.0), 0.5), torch.tensor(2.0)
-    )
-    torch.testing.assert_close(total_loss(torch.tensor(1.0), torch.tensor(2.0)), torch.tensor(3.0))
+    # The one alpha_ch weighting (module backward and loss/total metric): L_sol + alpha_ch L_ch.
+    assert role_weight("challenger", 0.25) == 0.25
+    assert role_weight("solver", 0.25) == 1.0
+    # 1.5 + 0.25 * 2.0 = 2.0 exactly (binary fractions); default-like alpha_ch = 1: 3.5
+    assert total_loss({"challenger": 2.0, "solver": 1.5}, 0.25) == 2.0
+    assert total_loss({"challenger": 2.0, "solver": 1.5}, 1.0) == 3.5
+    assert total_loss({"solver": 1.5}, 0.25) == 1.5  # no Challenger rows (GRPO)
+    assert total_loss({}, 0.25) == 0.0 and isinstance(total_loss({}, 0.25), float)

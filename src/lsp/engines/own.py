@@ -12,7 +12,11 @@ top-k, then top-p, as transformers applies them):
   that has produced EOS leaves the batch (no work on padding); the next token is drawn by
   inverse-CDF sampling (one uniform per row; `torch.multinomial` draws one exponential per
   vocabulary entry, ~10 ms per step for 16 x 49k on this CPU). Needs a transformers (>= 5)
-  causal LM (a KV-cache argument and `logits_to_keep`); other models fall back to `hf`.
+  causal LM (a KV-cache argument and `logits_to_keep`): checked once, when the engine is built,
+  and refused with a clear error for other models (use `hf` for them), never a silent fallback.
+  The KV cache is a DynamicCache whose full-attention layers reserve room for the whole
+  completion on their first update (`reserved_cache`) and write every step in place
+  (concatenating the whole cache at every step was 21% of decoding time).
 - `hf`: `model.generate`, with the model's own generation_config (a repetition penalty, min_p, ...
   shipped with the model) set aside for the call, so that it samples the same distribution.
 """
@@ -27,14 +31,33 @@ import torch
 from torch import Tensor
 
 from lsp.engines.sampling import SamplingConfig, completion_mask, eos_ids, next_token
+from lsp.errors import InputError
 from lsp.models import autocast
 from lsp.selfplay.logprobs import cache_argument, prompt_groups
 from lsp.selfplay.records import Rollout, concat_rollouts
 
 
+class EngineUnavailableError(InputError):
+    """The configured engine cannot decode this model (the message says which engine can)."""
+
+
+def lsp_cache_argument(model) -> str:
+    """The KV-cache argument the `lsp` loop passes the cache by; refused, naming the fix, for a
+    model without one (rather than silently decoding with another engine)."""
+    name = cache_argument(model)
+    if name is None:
+        raise EngineUnavailableError(
+            f"engine: lsp needs a transformers (>= 5) causal LM whose forward takes a KV-cache "
+            f"argument (past_key_values or cache) and logits_to_keep; {type(model).__name__} has "
+            "none: use engine: hf")
+    return name
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
              amp_dtype: torch.dtype | None = None, greedy: bool = False) -> Rollout:
+    if cfg.engine == "lsp":
+        lsp_cache_argument(model)  # before any work (the engine checks it when built, too)
     parts = [
         _generate_chunk(model, tokenizer, prompts[i : i + cfg.batch_size], cfg, amp_dtype, greedy)
         for i in range(0, len(prompts), cfg.batch_size)
@@ -47,7 +70,7 @@ def _generate_chunk(model, tokenizer, prompts, cfg, amp_dtype, greedy) -> Rollou
     enc = enc.to(model.device)
     eos = eos_ids(model, tokenizer)
     with autocast(model.device, amp_dtype):
-        if cfg.engine == "lsp" and cache_argument(model) is not None:
+        if cfg.engine == "lsp":
             completion = decode(model, enc["input_ids"], enc["attention_mask"], cfg, eos,
                                 tokenizer.pad_token_id, greedy)
         else:
@@ -101,12 +124,11 @@ def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int]
     groups = torch.arange(batch, device=ids.device) if groups is None else groups  # (B,)
     first = torch.cat([groups.new_ones(1), groups[1:] != groups[:-1]]).nonzero()[:, 0]  # (Q,)
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P) positions count real tokens
+    name = lsp_cache_argument(model)
+    cache = reserved_cache(model, cfg.max_new_tokens)
     out = model(input_ids=ids[first], attention_mask=mask[first], position_ids=pos[first],
-                use_cache=True, logits_to_keep=1)
-    name = cache_argument(model)
-    cache = getattr(out, name)
+                use_cache=True, logits_to_keep=1, **{name: cache})
     cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
-    reserve(cache, cfg.max_new_tokens)
     logits = out.logits[:, -1][groups]  # (B, V)
     tokens = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
@@ -129,58 +151,109 @@ def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int]
     return tokens[:, : t + 1]
 
 
-def reserve(cache, extra: int) -> None:
-    """Give every plain DynamicCache layer room for `extra` more positions, so that decoding
-    writes in place instead of concatenating (copying) the whole cache at every step."""
-    from transformers.cache_utils import DynamicLayer
+def reserved_cache(model, room: int):
+    """The cache the model would build itself (`DynamicCache(config=...)`: sliding-window layers
+    and the like as its config says), with every plain full-attention layer a reserving layer
+    (`_reserved_layer_class`) that keeps `room` positions free past the prompt."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    for layer in getattr(cache, "layers", []):
-        if type(layer) is DynamicLayer and layer.get_seq_length() > 0:
-            layer.__class__ = _reserved_layer_class()
-            layer.reserve(extra)
+    reserved = _reserved_layer_class()
+    cache = DynamicCache(config=model.config)
+    cache.layers = [reserved(room) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    if cache.layer_class_to_replicate is DynamicLayer:  # layers made lazily, one per model layer
+        cache.layer_class_to_replicate = functools.partial(reserved, room)
+    return cache
 
 
 @functools.cache
 def _reserved_layer_class():
+    """`_Reserving` over transformers' DynamicLayer, made on first use: transformers is imported
+    only by the code that needs it."""
     from transformers.cache_utils import DynamicLayer
 
-    class Reserved(DynamicLayer):
-        # keys/values are views of the first n positions of buffers (B, H, n + room, D).
-        def reserve(self, extra: int) -> None:
-            n = self.keys.shape[-2]
-            self.buffers = [x.new_empty(x.shape[:2] + (n + extra, x.shape[-1])) for x in
-                            (self.keys, self.values)]
-            for buf, x in zip(self.buffers, (self.keys, self.values), strict=True):
-                buf[:, :, :n] = x
-            self._view(n)
+    return type("ReservedLayer", (_Reserving, DynamicLayer), {})
 
-        def _view(self, n: int) -> None:
-            self.keys, self.values = (buf[:, :, :n] for buf in self.buffers)
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            n, t = self.keys.shape[-2], key_states.shape[-2]
-            if n + t > self.buffers[0].shape[-2]:  # out of room: grow like DynamicLayer
-                self.__class__ = DynamicLayer  # (zero-arg super() would no longer apply)
-                return DynamicLayer.update(self, key_states, value_states, *args, **kwargs)
-            self.buffers[0][:, :, n : n + t] = key_states
-            self.buffers[1][:, :, n : n + t] = value_states
-            self._view(n + t)
-            return self.keys, self.values
+class _Reserving:
+    """A DynamicLayer (the next class in the MRO) whose keys / values are views of the first n
+    positions of buffers (B, H, n + room, D), allocated after its first update (the prompt): each
+    decoding step writes its position in place instead of concatenating (copying) the whole
+    cache. Out of room, or once something else has replaced the views (offloading, a batch
+    repeat), it grows by concatenation like DynamicLayer."""
 
-        def batch_select_indices(self, indices) -> None:
-            n = self.keys.shape[-2]
-            self.buffers = [buf[indices] for buf in self.buffers]
-            self._view(n)
+    def __init__(self, room: int, **kwargs):
+        super().__init__(**kwargs)
+        self.room = room
+        self.buffers: list[Tensor] | None = None
 
-    return Reserved
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.get_seq_length() == 0:  # the prompt: as DynamicLayer, then the room
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self._reserve()
+            return keys, values  # DynamicLayer's own: the prompt's attention is unchanged
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        if not self._in_buffers() or n + t > self.buffers[0].shape[-2]:
+            self.buffers = None  # from here on a plain DynamicLayer
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.buffers[0][:, :, n : n + t] = key_states
+        self.buffers[1][:, :, n : n + t] = value_states
+        self._view(n + t)
+        return self.keys, self.values
 
+    def _reserve(self) -> None:
+        n = self.keys.shape[-2]
+        self.buffers = [x.new_empty(x.shape[:2] + (n + self.room, x.shape[-1]))
+                        for x in (self.keys, self.values)]
+        for buf, x in zip(self.buffers, (self.keys, self.values), strict=True):
+            buf[:, :, :n] = x
+        self._view(n)
+
+    def _view(self, n: int) -> None:
+        self.keys, self.values = (buf[:, :, :n] for buf in self.buffers)
+
+    def _in_buffers(self) -> bool:
+        # keys still a view of our buffer (crop keeps them one; offload or a repeat do not)
+        return self.buffers is not None and self.keys.data_ptr() == self.buffers[0].data_ptr()
+
+    def _select(self, index) -> bool:
+        """Keep rows `index` of the buffers (the views follow); False when not in them."""
+        if not self._in_buffers():
+            return False
+        n = self.keys.shape[-2]
+        self.buffers = [buf.index_select(0, index.to(buf.device)) for buf in self.buffers]
+        self._view(n)
+        return True
+
+    def reorder_cache(self, beam_idx) -> None:
+        if not self._select(beam_idx):
+            super().reorder_cache(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        if not self._select(indices):
+            super().batch_select_indices(indices)
+
+    def reset(self) -> None:
+        self.buffers = None
+        super().reset()
 
 
 class TorchEngine:
-    """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`)."""
+    """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`). `kind`: the engine
+    the config names, checked now (`check`), so that `engine: lsp` on a model the loop cannot
+    decode fails when the engine is built, not in the first rollout; None (one engine serving
+    the roles' own `cfg.engine`): checked at the first call with `lsp`."""
 
-    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None,
+                 kind: str | None = None):
         self.model, self.tokenizer, self.amp_dtype = model, tokenizer, amp_dtype
+        if kind is not None:
+            self.check(kind)
+
+    def check(self, kind: str) -> None:
+        """Raise EngineUnavailableError when this model cannot be decoded with `kind`."""
+        if kind == "lsp":
+            lsp_cache_argument(self.model)
 
     def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
         return generate(self.model, self.tokenizer, prompts, cfg, self.amp_dtype, greedy)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from lsp.errors import InputError
 from lsp.io import atomic_write_json, atomic_write_text
@@ -219,16 +220,15 @@ def generate_outputs(
     if pending:
         engine, tok = load_engine(model_spec, settings, device, cache_dir)
         pending.sort(key=lambda r: len(r["instruction"]), reverse=True)
-        start = time.perf_counter()
-        for i in range(0, len(pending), settings.batch_size):
-            batch = pending[i : i + settings.batch_size]
-            answers = answer(engine, tok, [r["instruction"] for r in batch], settings)
-            outputs = as_model_outputs(
-                [{**r, "output": str(a)} for r, a in zip(batch, answers, strict=True)], generator)
-            store.add([{**o, "truncated": getattr(a, "truncated", None)}
-                       for o, a in zip(outputs, answers, strict=True)])
-            done, took = i + len(batch), time.perf_counter() - start
-            print(f"[generate {generator}] {done}/{len(pending)} outputs, {took:.0f} s "
-                  f"(ETA {took / done * (len(pending) - done):.0f} s)", flush=True)
+        with tqdm(total=len(pending), desc=f"generate {generator}", unit="output") as progress:
+            for i in range(0, len(pending), settings.batch_size):
+                batch = pending[i : i + settings.batch_size]
+                answers = answer(engine, tok, [r["instruction"] for r in batch], settings)
+                outputs = as_model_outputs(
+                    [{**r, "output": str(a)} for r, a in zip(batch, answers, strict=True)],
+                    generator)
+                store.add([{**o, "truncated": getattr(a, "truncated", None)}
+                           for o, a in zip(outputs, answers, strict=True)])
+                progress.update(len(batch))  # done / total, elapsed and ETA (on stderr)
         del engine
     return [store.records[r["instruction"]] for r in records]

@@ -171,7 +171,8 @@ def _num2(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
+    """A fraction as a whole percentage ("n/a" for None); the study report uses it too."""
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
@@ -181,16 +182,16 @@ def format_sanity(report: dict, judge_name: str) -> str:
     if k:
         lines.append(
             f"  known preference (AlpacaEval 2.0 ref > 1.0 ref), n={k['n']}: agreement "
-            f"{_pct(k['agreement'])}, ties {_pct(k['tie_rate'])}, order flips {_pct(k['flip_rate'])}, "
+            f"{pct(k['agreement'])}, ties {pct(k['tie_rate'])}, order flips {pct(k['flip_rate'])}, "
             f"length corr {_num2(k['length_corr'])} (a 'prefer the longer' rule would agree "
-            f"{_pct(k['expected_longer_rate'])})")
+            f"{pct(k['expected_longer_rate'])})")
     if m:
         lines.append(
             f"  matched vs mismatched answer (chance 50%), n={m['n']}: agreement "
-            f"{_pct(m['agreement'])}, ties {_pct(m['tie_rate'])}, order flips {_pct(m['flip_rate'])}")
+            f"{pct(m['agreement'])}, ties {pct(m['tie_rate'])}, order flips {pct(m['flip_rate'])}")
     if e := report.get("evaluation_pairs"):
-        lines.append(f"  on the evaluation pairs, n={e['n']}: order flips {_pct(e['flip_rate'])}, "
-                     f"longer output preferred {_pct(e['longer_preferred_rate'])}")
+        lines.append(f"  on the evaluation pairs, n={e['n']}: order flips {pct(e['flip_rate'])}, "
+                     f"longer output preferred {pct(e['longer_preferred_rate'])}")
     if m and m["agreement_ties_half"] < 0.75:
         lines.append("  WARNING: this judge barely tells an answer from an answer to another question;"
                      " its win rates are not evidence of quality.")

@@ -1,7 +1,7 @@
 """Lightning Callbacks: the rollout hooks' implementations and checkpointing.
 
 A callback implements any of `RolloutHooks`' methods; `SelfPlayModule` calls them with the
-step's `SelfPlayBatch` (see lsp.selfplay.module.HOOKS).
+step's `SelfPlayBatch` (see RolloutHooks).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class HFCheckpoint(Callback):
             logger = _mlflow(trainer)
             info = {"step": step, "time": time.time(),
                     "mlflow_run_id": logger.run_id if logger else None,
-                    "metrics": getattr(module, "last_metrics", {})}
+                    "metrics": module.last_metrics}
             (tmp / MARKER).write_text(json.dumps(info, indent=2))  # last: marks it complete
 
     def keep(self, step: int) -> bool:
@@ -259,14 +259,18 @@ class DegenerationMonitor(RolloutHooks):
 class MetricsHistory(Callback):
     """Appends each step's metrics to `<run_dir>/history.csv` (step, then sorted keys): the
     training curves for DVC plots and the report, independent of the MLflow store. A resumed
-    run appends again from its checkpoint; readers keep the last row of each step."""
+    run appends again from its checkpoint; readers keep the last row of each step.
+
+    Not Lightning's `CSVLogger`: its writer (lightning 2.6, `_ExperimentWriter`) deletes an
+    existing metrics.csv when the run folder is reused, so a resumed run would lose the killed
+    run's curves, and it rewrites the header in place (not atomically) when a key appears."""
 
     def __init__(self, path: str | None = None):
         self.path = Path(path) if path else None
         self.columns: list[str] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        metrics = getattr(pl_module, "last_metrics", None)
+        metrics = pl_module.last_metrics
         if not metrics or self.path is None or not trainer.is_global_zero:
             return
         if self.columns is None:

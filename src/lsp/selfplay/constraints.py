@@ -20,7 +20,9 @@ re-implements a checker.
   IFEval's strict figures come from, so the training reward and the evaluation agree exactly.
   It fails every instruction on an empty or whitespace-only response, whatever the checker says.
 - `ConstraintReward`: the reward source (`score(..., constraints=...)`); `CompositeReward`: a
-  weighted sum of reward sources, e.g. 1.0 * constraints + 0.1 * llm_judge.
+  weighted sum of reward sources, e.g. 1.0 * constraints + 0.1 * llm_judge. A reward whose
+  `score` takes the constraints says so with the class attribute `takes_constraints = True`
+  (`accepts_constraints`); only then do training and selection draw constraints for it.
 
 Reproducibility: lm-eval's builders draw from Python's global `random` module. The sampler keeps
 its own `random.Random(seed)`; around each build it seeds the global generator from it and
@@ -43,7 +45,6 @@ CompositeReward, which builds each with the trainer's `pool`:
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -285,6 +286,7 @@ class ConstraintReward:
     """Reward = fraction of row i's constraints its response satisfies, in [0, 1]."""
 
     name = "constraints"
+    takes_constraints = True  # score(..., constraints=): the environment's (accepts_constraints)
 
     def __init__(self, pool=None, langdetect_seed: int | None = 0, model: str | None = None):
         # pool and model are accepted and ignored, so the config shape matches the others.
@@ -309,7 +311,11 @@ class ConstraintReward:
 
 
 def accepts_constraints(reward) -> bool:
-    return "constraints" in inspect.signature(reward.score).parameters
+    """Whether `reward.score` takes the environment's `constraints=`: declared by the reward's
+    class (`takes_constraints = True`), not read off its signature."""
+    # getattr with a default: a reward is any `_target_` class a config names (or a test's
+    # object), with no base class of ours to inherit the attribute from.
+    return bool(getattr(type(reward), "takes_constraints", False))
 
 
 def _weight(name: str, spec: Mapping) -> float:
@@ -348,6 +354,7 @@ class CompositeReward:
     `last_components`: each component's unweighted (B,) values from the last `score` call."""
 
     name = "composite"
+    takes_constraints = True  # passes them on to the components that take them
 
     def __init__(self, pool=None, components: Mapping[str, Mapping] | None = None,
                  model: str | None = None):  # model: unused (its components name theirs)

@@ -13,6 +13,7 @@ is sampled at a temperature other than 1 (a choice the paper leaves open).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -158,7 +159,7 @@ def cache_argument(model: nn.Module) -> str | None:
     """The KV-cache argument (and output attribute) of a transformers (>= 5) causal LM that also
     takes `logits_to_keep`: `past_key_values` (up to 5.2x) or `cache` (later 5.x, where it was
     renamed); None for other models."""
-    params = inspect.signature(model.forward).parameters
+    params = _forward_parameters(type(model))
     if "logits_to_keep" not in params:
         return None
     return next((n for n in ("cache", "past_key_values") if n in params), None)
@@ -177,4 +178,13 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in _forward_parameters(type(model))
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    # Which arguments a model's forward takes is a fact of its class: probed once per class
+    # (cached), only to pass the arguments it has (logits_to_keep, the cache's name) or take the
+    # shared-prefix path of the same maths; never to switch engines (the `lsp` engine's need for a
+    # KV-cache argument is checked once, when it is built: lsp.engines.own.TorchEngine).
+    return frozenset(inspect.signature(model_class.forward).parameters)

@@ -40,15 +40,24 @@ formula as written, because that formula does not do what the paper says it does
   weight each sequence by a function of its length, i.e. of the sample. With "seq_sum" the
   ratio is one per SEQUENCE as in the paper, so the policy-gradient VALUE (not only its
   gradient) is the paper's; summing per-token ratios would count each advantage once per token.
-- ``alpha_ch`` (``total_loss``): not given by the paper; default 1.0, the unweighted sum.
+- ``alpha_ch`` (``role_weight``, ``total_loss``): not given by the paper; default 1.0, the
+  unweighted sum. The one definition of the weighting: the module back-propagates
+  ``role_weight(role) * L_role`` and the metrics log ``total_loss`` of the same losses.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lsp.selfplay.logprobs import masked_mean, masked_sum
+
+if TYPE_CHECKING:
+    from lsp.selfplay.records import Rollout
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
@@ -111,7 +120,9 @@ def policy_loss(
     """REINFORCE loss with a KL(pi || pi_ref) penalty for one player.
 
     logp (B, C) with grad; ref_logp (B, C) frozen; advantages (B,) per sequence; mask (B, C).
-    Returns (scalar loss, detached scalar stats).
+    Returns (scalar loss, detached scalar stats). Stats "kl" / "kl_sum": the mean / sum over the
+    B sequences of the summed token log-ratio (the paper's k1 sequence KL), whatever the
+    placement and estimator: with placement "reward" the loss value is not the KL.
     """
     mask = mask.bool()
     # Pads are zeroed before any exp(): an inf there would turn the masked gradient into NaN.
@@ -124,10 +135,12 @@ def policy_loss(
 
     pg_loss = -agg(_reinforce(logp, adv, mask, aggregation))
     kl_loss = agg(_kl_term(logp, log_ratio, mask, beta, kl_estimator, kl_placement, aggregation))
+    kl_seq = masked_sum(log_ratio, mask, dim=-1)  # (B,) the paper's sequence log-ratio
     stats = {
         "pg_loss": pg_loss,
         "kl_loss": kl_loss,
-        "kl": masked_sum(log_ratio, mask, dim=-1).mean(),  # the paper's sequence log-ratio
+        "kl": kl_seq.mean(),
+        "kl_sum": kl_seq.sum(),  # micro-batches sum to the full batch's (the module's KL metric)
         "kl_token_mean": masked_mean(log_ratio, mask),
         "entropy_proxy": -masked_mean(logp, mask),
     }
@@ -168,6 +181,27 @@ def _kl_term(
     return -_reinforce(logp, -beta * to_go, mask, aggregation)
 
 
-def total_loss(solver_loss: Tensor, challenger_loss: Tensor, alpha_ch: float = 1.0) -> Tensor:
-    # alpha_ch is not given by the paper; 1.0 is the plain sum L_sol + L_ch.
-    return solver_loss + alpha_ch * challenger_loss
+def role_weight(role: str, alpha_ch: float) -> float:
+    """The weight of a role's loss in L = L_sol + alpha_ch L_ch (alpha_ch: not in the paper)."""
+    return alpha_ch if role == "challenger" else 1.0
+
+
+def total_loss(role_losses: Mapping[str, float], alpha_ch: float) -> float:
+    """L = sum over the roles present of role_weight * L_role (a role without rows is absent)."""
+    return sum((loss * role_weight(role, alpha_ch) for role, loss in role_losses.items()), 0.0)
+
+
+def role_counts(rollout: Rollout) -> tuple[int, int]:
+    """(sequences, completion tokens) of a role's global rollout: its loss normalisers."""
+    return rollout.sequences.shape[0], int(rollout.completion_mask.sum())
+
+
+@dataclass
+class LossStats:
+    """One role's detached results of a step's forward/backward, summed over ranks."""
+
+    loss: float  # L_role (unweighted by alpha_ch)
+    kl: float  # mean over sequences of the summed token log-ratio (the paper's k1 KL)
+    tokens: int  # completion tokens of the role in the global batch
+    # mean |log p_engine - log p_policy| over sampled tokens; None: the engine is the policy
+    logprob_gap: float | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lsp.selfplay.losses import LossStats, total_loss
 from lsp.selfplay.records import SelfPlayBatch
 
 
@@ -58,18 +59,18 @@ def perf_metrics(sp: SelfPlayBatch) -> dict[str, float]:
     return out
 
 
-def step_metrics(sp: SelfPlayBatch, stats: dict[str, dict], alpha_ch: float) -> dict[str, float]:
+def step_metrics(sp: SelfPlayBatch, stats: dict[str, LossStats], alpha_ch: float
+                 ) -> dict[str, float]:
+    """Every metric of one step: `stats` are the roles' global losses (lsp.selfplay.losses)."""
     out = rollout_metrics(sp) | reward_metrics(sp) | perf_metrics(sp)
-    total = 0.0
     for role, st in stats.items():
-        out[f"loss/{role}"] = st["loss"]
-        out[f"kl/{role}"] = st["kl"]
-        total += st["loss"] * (alpha_ch if role == "challenger" else 1.0)
-    out["loss/total"] = total
+        out[f"loss/{role}"] = st.loss
+        out[f"kl/{role}"] = st.kl
+    out["loss/total"] = total_loss({role: st.loss for role, st in stats.items()}, alpha_ch)
     # Stale-weights canary (lsp.engines): how far the engine's log-probs of its own samples are
     # from the policy's; about 0 up to the engine's precision when the weights are current.
-    gaps = {role: (st["logprob_gap"], st["tokens"]) for role, st in stats.items()
-            if st.get("logprob_gap") is not None}
+    gaps = {role: (st.logprob_gap, st.tokens) for role, st in stats.items()
+            if st.logprob_gap is not None}
     for role, (gap, _) in gaps.items():
         out[f"rollout/logprob_gap_{role}"] = gap
     if gaps:

@@ -3,7 +3,8 @@
 challenger rollout -> [on_challenger_rollout_end] -> solver rollout -> [on_solver_rollout_end]
 -> rewards R and self-reward R_Q -> advantages -> [on_rewards_computed] -> reference log-probs
 -> policy forward/backward in micro-batches -> one optimiser step. No maths here: advantages
-and losses live in `lsp.selfplay.advantages` / `lsp.selfplay.losses`.
+and losses live in `lsp.selfplay.advantages` / `lsp.selfplay.losses`, the micro-batched passes
+in `lsp.selfplay.passes`, timing / RNG / allocator helpers in `lsp.selfplay.runtime`.
 
 Departures from / choices beyond the paper (each a named option in conf/):
 - `algo.invalid_query`: degenerate Challenger outputs (`lsp.selfplay.prompts.check_queries`) are not sent
@@ -32,12 +33,9 @@ activations to the OS between steps (CPU).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -47,16 +45,23 @@ from torch import Tensor
 from lsp.chat import render_chat
 from lsp.engines import Engine, TorchEngine
 from lsp.engines.sampling import SamplingConfig
-from lsp.models import autocast
 from lsp.selfplay import advantages as adv
-from lsp.selfplay import distributed, losses
+from lsp.selfplay import distributed
 from lsp.selfplay.constraints import augment
-from lsp.selfplay.logprobs import completion_logprobs, masked_sum
+from lsp.selfplay.losses import LossStats, role_counts, role_weight, total_loss
+from lsp.selfplay.metrics import step_metrics
+from lsp.selfplay.passes import RolePass, backward_role, reference_logprobs
 from lsp.selfplay.prompts import check_queries
-from lsp.selfplay.records import QueryCheck, Rollout, SelfPlayBatch
+from lsp.selfplay.records import QueryCheck, SelfPlayBatch
+from lsp.selfplay.runtime import (
+    PhaseTimer,
+    rank_rng_state,
+    retain_freed_memory,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
-HOOKS = ("on_challenger_rollout_end", "on_solver_rollout_end", "on_rewards_computed")
 
 
 @dataclass
@@ -85,46 +90,6 @@ class SelfPlaySettings:
     retain_freed_memory: bool = True  # CPU/glibc: reuse freed heap pages (retain_freed_memory)
 
 
-@dataclass
-class LossStats:
-    """Per-role results of the forward/backward pass (detached)."""
-
-    loss: float
-    kl: float  # mean over sequences of the summed token log-ratio (the paper's k1 KL)
-    tokens: int
-    # mean |log p_engine - log p_policy| over sampled tokens; None: the engine is the policy
-    logprob_gap: float | None = None
-
-
-class PhaseTimer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def retain_freed_memory() -> bool:
-    """glibc: keep freed heap memory for reuse instead of returning it to the OS at once.
-
-    Without it, each step's forward/backward page-faults about 1 GB back in (its activations were
-    unmapped or trimmed after the last step): about 1 s per step on a 2-core CPU, 10% of a
-    SmolLM2 step. Peak RSS is unchanged (the same memory is reused); RSS no longer shrinks after
-    the peak. Blocks over 32 MiB (glibc's largest threshold) are still mapped per allocation."""
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
-        libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 class SelfPlayModule(L.LightningModule):
     def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer,
                  engines: dict[str, Engine] | None = None, constraints=None):
@@ -136,8 +101,13 @@ class SelfPlayModule(L.LightningModule):
         self.settings = settings
         self.optimizer_factory = optimizer  # partial: params -> optimiser
         self.automatic_optimization = False
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
+        self.nonfinite_streak = 0  # consecutive skipped steps (the run stops at a maximum)
+        self.nonfinite_total = 0  # skipped steps of the run (checkpointed)
+        self.grad_norm: Tensor | None = None  # of the last step taken (train/grad_norm)
+        self.pending_rng: dict | None = None  # a checkpoint's RNG state, applied at the next step
+        # The last step's metrics (step_metrics), read by callbacks (HFCheckpoint's marker,
+        # MetricsHistory) and returned by lsp.train.train; {} before the first step.
+        self.last_metrics: dict[str, float] = {}
         self.challenger_chat = render_chat(tokenizer, settings.challenger_prompt)
         # role -> the engine that samples it (lsp.engines); both default to decoding on the policy.
         default = TorchEngine(policy, tokenizer, settings.amp_dtype)
@@ -162,7 +132,7 @@ class SelfPlayModule(L.LightningModule):
 
     # ---- one step -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        if getattr(self, "pending_rng", None) is not None:  # resumed: the checkpoint's stream
+        if self.pending_rng is not None:  # resumed: the checkpoint's stream
             set_rng_state(self.pending_rng)
             self.pending_rng = None
         timer = PhaseTimer()
@@ -274,28 +244,31 @@ class SelfPlayModule(L.LightningModule):
         so every rank makes the same collective calls, with or without rows of its own."""
         s = self.settings
         self.policy.train()
-        roles = {}  # role -> (local rollout or None, advantages, loss weight, temperature, counts)
+        roles: dict[str, RolePass] = {}
         if full.challenger is not None:
-            roles["challenger"] = (sp.challenger, sp.challenger_advantages, s.alpha_ch,
-                                   s.challenger.temperature, counts(full.challenger))
+            roles["challenger"] = RolePass(
+                sp.challenger, sp.challenger_advantages, role_weight("challenger", s.alpha_ch),
+                s.challenger.temperature, role_counts(full.challenger))
         if full.solver is not None:
-            advantages = None if sp.solver is None else sp.solver_advantages.flatten()
-            roles["solver"] = (sp.solver, advantages, 1.0, s.solver.temperature,
-                               counts(full.solver))
+            advantages = None if sp.solver is None else sp.solver_advantages.flatten()  # (B,)
+            roles["solver"] = RolePass(sp.solver, advantages, role_weight("solver", s.alpha_ch),
+                                       s.solver.temperature, role_counts(full.solver))
         with timer("reference_logprobs"):
-            refs = {role: self.reference_logprobs(r[0], r[3]) for role, r in roles.items()
-                    if r[0] is not None}
+            refs = {role: reference_logprobs(self.frozen["reference"], r.rollout, r.temperature,
+                                             s, self.device)
+                    for role, r in roles.items() if r.rollout is not None}
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         with timer("forward_backward"):
-            stats = {role: self.backward_role(*r, refs.get(role)) for role, r in roles.items()}
+            stats = {role: backward_role(self.policy, r, refs.get(role), s, self.device,
+                                         self.manual_backward) for role, r in roles.items()}
         if distributed.world_size() > 1:
             with timer("gradient_sync"):
                 distributed.sync_gradients([p for p in self.policy.parameters()
                                             if p.requires_grad])
-        total = sum(st.loss * roles[role][2] for role, st in stats.items())
+        total = total_loss({role: st.loss for role, st in stats.items()}, s.alpha_ch)
         with timer("optimizer"):
-            stepped = self.optimizer_step(opt, total)
+            stepped = self.clipped_step(opt, total)
         if stepped:
             with timer("weight_push"):
                 self.push_weights()
@@ -307,77 +280,33 @@ class SelfPlayModule(L.LightningModule):
         for engine in {id(e): e for e in self.engines.values()}.values():
             engine.push(self.policy)
 
-    def micro_batches(self, n: int):
-        size = self.settings.micro_batch_size
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    def clipped_step(self, opt, loss: float) -> bool:
+        """One clipped optimiser step (`loss`: the step's total); False when a non-finite loss or
+        gradient skipped it. (Not Lightning's `optimizer_step` hook, which manual optimisation
+        never calls.)
 
-    @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout, temperature: float) -> Tensor:
-        # pi_ref at the same temperature as pi: the KL is between the two tempered distributions.
-        ref = self.frozen["reference"]
-        with autocast(self.device, self.settings.amp_dtype):
-            parts = [
-                completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
-                                    rollout.prompt_len, temperature,
-                                    share_prefix=self.settings.share_prefix)
-                for mb in self.micro_batches(rollout.sequences.shape[0])
-            ]
-        return torch.cat(parts).float()  # (B, C)
-
-    def backward_role(self, rollout: Rollout | None, advantages: Tensor | None, weight: float,
-                      temperature: float, counts: tuple[int, int], ref: Tensor | None):
-        # Log-probs under the distribution that sampled the tokens (logits / temperature), so the
-        # gradient is on-policy; top-k / top-p are refused at the config boundary (lsp.config).
-        # counts: the global batch's (sequences, completion tokens) of this role: each rank's
-        # loss is its share of the global one, and the ranks' gradients sum to it.
-        s = self.settings
-        n_seq, n_tok = counts
-        loss_sum, kl_sum, gap_sum, has_gap = 0.0, 0.0, 0.0, 0.0
-        local = 0 if rollout is None else rollout.sequences.shape[0]
-        mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
-        for mb in self.micro_batches(local):
-            with autocast(self.device, s.amp_dtype):
-                logp = completion_logprobs(
-                    self.policy, rollout.sequences[mb], rollout.attention_mask[mb],
-                    rollout.prompt_len, temperature, share_prefix=s.share_prefix,
-                ).float()
-            loss, _ = losses.policy_loss(
-                logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
-                s.kl_placement, s.aggregation, num_sequences=n_seq, num_tokens=n_tok,
-            )
-            self.manual_backward(loss * weight)
-            loss_sum += loss.item()
-            kl_sum += masked_sum(logp.detach() - ref[mb], mask[mb], dim=-1).sum().item()
-            if rollout.logprobs is not None:  # the engine's own log-probs of its samples
-                gap = (logp.detach() - rollout.logprobs[mb].to(logp)).abs()
-                gap_sum += masked_sum(gap, mask[mb]).item()
-                has_gap = 1.0
-        # one collective per role on every rank: the global loss, KL and engine gap
-        loss_sum, kl_sum, gap_sum, has_gap = distributed.all_reduce_sum(
-            [loss_sum, kl_sum, gap_sum, has_gap])
-        gap = gap_sum / max(n_tok, 1) if has_gap else None
-        return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok),
-                         logprob_gap=gap)
-
-    def optimizer_step(self, opt, total_loss: float) -> bool:
-        """One clipped optimiser step; False when a non-finite loss or gradient skipped it."""
-        s = self.settings
+        A skipped step still goes through `opt.step()` (Lightning's public path), with every
+        gradient set to None: torch.optim leaves a parameter without a gradient untouched (no
+        update, no weight decay, no moment or step-count change; Optimizer.zero_grad's doc), so
+        the weights and the optimiser state are unchanged, while Lightning counts the step as a
+        global step: the step counter, checkpoint steps and max_steps stay aligned on resume."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         # One pass over the gradients: their total norm is finite iff every gradient is.
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not (math.isfinite(total_loss) and torch.isfinite(norm)):
-            self.skip_nonfinite(opt)
-            return False
-        self.nonfinite_streak = 0
-        self.grad_norm = norm
-        if s.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, s.grad_clip, norm)
+        finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+        if finite:
+            self.nonfinite_streak = 0
+            self.grad_norm = norm
+            if self.settings.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, norm)
+        else:
+            opt.zero_grad(set_to_none=True)  # the step below then changes nothing
+            self.count_nonfinite()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return True
+        return finite
 
-    def skip_nonfinite(self, opt) -> None:
-        opt.zero_grad(set_to_none=True)
+    def count_nonfinite(self) -> None:
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         log.warning("non-finite loss or gradient at step %d: optimiser step skipped (%d in a row)",
@@ -387,17 +316,12 @@ class SelfPlayModule(L.LightningModule):
                 f"{self.nonfinite_streak} consecutive non-finite losses; stopping. Lower optim.lr "
                 "or check the reward scale; the last checkpoint is intact for resume=true."
             )
-        # Lightning counts optimiser steps as global steps: count the skipped step too so the
-        # step counter, checkpoints and max_steps stay aligned.
-        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()
 
     # ---- metrics ----------------------------------------------------------------------------
     def log_step(self, sp: SelfPlayBatch, stats: dict[str, LossStats]) -> None:
-        from lsp.selfplay.metrics import step_metrics
-
-        metrics = step_metrics(sp, {k: vars(v) for k, v in stats.items()}, self.settings.alpha_ch)
+        metrics = step_metrics(sp, stats, self.settings.alpha_ch)
         metrics["train/nonfinite_steps"] = float(self.nonfinite_total)
-        if getattr(self, "grad_norm", None) is not None:
+        if self.grad_norm is not None:  # None until a step was taken
             metrics["train/grad_norm"] = float(self.grad_norm)
         self.last_metrics = metrics
         # Loggers get the 1-based step this batch made (as checkpoints and history.csv do);
@@ -423,44 +347,8 @@ class SelfPlayModule(L.LightningModule):
         checkpoint["state_dict"] = self.state_dict()
         extra = checkpoint.get("lsp", {})
         self.nonfinite_total = extra.get("nonfinite_total", 0)
-        states = extra.get("rng")
-        if isinstance(states, dict):  # written by one process before per-rank states
-            states = [states]
-        if states and len(states) == distributed.world_size():
-            # applied at the next step's start, not now: Lightning draws from the torch RNG
-            # between this restore and the first batch (the data loader's base seed), which
-            # would shift every later sample against an uninterrupted run
-            self.pending_rng = states[distributed.rank()]
-        elif states:
-            log.warning("checkpoint holds RNG states of %d ranks, this run has %d: the ranks "
-                        "keep their fresh seeds (rollouts differ from an uninterrupted run)",
-                        len(states), distributed.world_size())
-
-
-def counts(rollout: Rollout) -> tuple[int, int]:
-    """(sequences, completion tokens) of a rollout: the loss normalisers of its role."""
-    return rollout.sequences.shape[0], int(rollout.completion_mask.sum())
-
-
-def rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # applied at the next step's start, not now: Lightning draws from the torch RNG between
+        # this restore and the first batch (the data loader's base seed), which would shift
+        # every later sample against an uninterrupted run
+        self.pending_rng = rank_rng_state(extra.get("rng"), distributed.world_size(),
+                                          distributed.rank())

@@ -23,8 +23,8 @@ order, the first rule that fires giving the reason:
   occur in the prompt. Queries of fewer than 3 words are never called echoes. This catches the
   model repeating the rules, the examples or the unfilled template, but not a query that merely
   reuses a few of the prompt's words.
-Invalid queries keep their cleaned text (the trainer decides what to do with them) unless a
-`fallback` string is given, which then replaces every invalid query.
+Invalid queries keep their cleaned text; the trainer decides what to do with them
+(`algo.invalid_query`).
 
 Quality judge (`QUALITY_JUDGE_PROMPT`, the self-reward R_Q): own wording of the paper's additive
 0-7 rubric. `parse_quality_score` reads the last `<Score>N</Score>` (whitespace, a missing
@@ -189,7 +189,6 @@ def check_queries(
     challenger_prompt: str,
     max_chars: int,
     truncated: list[bool] | Tensor | None = None,
-    fallback: str | None = None,
     reject_truncated: bool = True,
     echo_threshold: float = 0.5,
 ) -> QueryCheck:
@@ -202,8 +201,6 @@ def check_queries(
         _reason(q, challenger_prompt, max_chars, t and reject_truncated, echo_threshold)
         for q, t in zip(queries, flags, strict=True)
     ]
-    if fallback is not None:
-        queries = [q if not r else fallback for q, r in zip(queries, reasons, strict=True)]
     valid = torch.tensor([not r for r in reasons], dtype=torch.bool)  # (N,)
     return QueryCheck(queries=queries, valid=valid, reasons=reasons)
 
@@ -242,16 +239,6 @@ def parse_quality_score(text: str, max_score: int = QUALITY_MAX_SCORE) -> int | 
     if scores:
         return _as_score(scores[-1], max_score)
     return _calculation_total(text, max_score)
-
-
-def parse_digit_score(text: str, max_score: int = REWARD_MAX_SCORE) -> int | None:
-    """A reward judge's answer: the number after the last "Score:", else a number opening the
-    text ("7", "7/9", "7 - good"); in 0..max_score, else None."""
-    labelled = re.findall(r"score\s*[:=]?\s*" + _NUMBER, text, re.IGNORECASE)
-    if labelled:
-        return _as_score(labelled[-1], max_score)
-    opening = re.match(r"\s*" + _NUMBER + r"(?![\d.])", text)
-    return _as_score(opening.group(1), max_score) if opening else None
 
 
 def load_prompt_file(path: str) -> list[str]:

@@ -29,10 +29,6 @@ class Rollout:
     def completion_lengths(self) -> Tensor:  # (B,)
         return self.completion_mask.sum(-1)
 
-    @property
-    def completion_ids(self) -> Tensor:  # (B, C)
-        return self.sequences[:, self.prompt_len :]
-
 
 @dataclass
 class QueryCheck:
@@ -78,10 +74,6 @@ class SelfPlayBatch:
     @property
     def group_size(self) -> int:
         return 0 if self.rewards is None else self.rewards.shape[1]
-
-
-def empty_float(n: int) -> Tensor:
-    return torch.zeros(n, dtype=torch.float32)
 
 
 def _pad_to(x: Tensor, width: int, value: int, left: bool) -> Tensor:

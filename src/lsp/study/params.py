@@ -211,7 +211,7 @@ def study_logger(params: DictConfig, name: str, stage: str,
     return cfg
 
 
-METRICS = Path("metrics")  # the DVC metrics: a few curated figures per stage and model (lsp.study.headline)
+METRICS = Path("metrics")  # the DVC metrics: a few curated figures per stage and model (lsp.headline)
 
 
 def metrics_file(stage: str, name: str) -> Path:

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-SUBSETS = ("helpful_base", "koala", "oasst", "selfinstruct", "vicuna")
+from lsp.evaluation.outputs import SUBSETS  # AlpacaEval's five subsets, in the paper's order
+
 # (history key, panel title, y label): one panel each, as issue 4 asks.
 CURVES = (
     ("solver/reward_mean", "Solver reward R(q, a)", "reward (batch mean)"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from lsp.evaluation.ifeval import HEADLINE
+from lsp.study.markdown import table
 
 COLUMNS = ("prompt strict", "instruction strict", "prompt loose", "instruction loose")
 
@@ -56,8 +57,7 @@ def section(results: dict[str, dict], names: list[str], png: Path | None) -> lis
     rows = [[name, *(_pm(d, k) for k in HEADLINE), _delta(d, "strict"), _delta(d, "loose"),
              "n/a" if d.get("n_truncated") is None else f"{d['n_truncated']}/{d['n_prompts']}"]
             for name, d in results.items()]
-    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    out += table(header, rows)
     if missing:
         out += [f"Missing: {', '.join(missing)}.", ""]
     out += split_table(results)
@@ -86,8 +86,7 @@ def split_table(results: dict[str, dict]) -> list[str]:
     return [f"By instruction type: seen = every instruction of the prompt is of a type the "
             f"constraint reward may draw in training; held-out = at least one of the "
             f"{len(held)} types it never draws ({', '.join(t.split(':')[-1] for t in held)}).",
-            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+            "", *table(header, rows)]
 
 
 def plot_types(results: dict[str, dict], path: Path, colors: dict[str, str],

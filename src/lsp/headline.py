@@ -69,9 +69,3 @@ def ifeval_figures(details: Mapping) -> dict:
     if paired:
         out |= {"delta": _r(100 * paired["difference"], 1), "p": float(f"{paired['mcnemar_p']:.3g}")}
     return out
-
-
-def numeric(figures: Mapping, prefix: str) -> dict[str, float]:
-    """The numbers among the figures, `prefix/`-named (an arm's MLflow parent run)."""
-    return {f"{prefix}/{k}": float(v) for k, v in figures.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)}

@@ -1,0 +1,89 @@
+"""The micro-batched log-prob passes of one role's learning step: the frozen reference's
+log-probs and the policy's forward/backward (`lsp.selfplay.module` sequences them).
+
+Both take log-probs under the sampling temperature of the role (logits / T), so the gradient is
+on-policy and the KL is between the two tempered distributions; top-k / top-p, under which they
+would differ, are refused at the config boundary (lsp.config). Every micro-batch is normalised
+by the global batch's counts, so the micro-batches (and the ranks) sum to the full-batch loss
+and gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lsp.models import autocast
+from lsp.selfplay import distributed, losses
+from lsp.selfplay.logprobs import completion_logprobs, masked_sum
+from lsp.selfplay.losses import LossStats
+from lsp.selfplay.records import Rollout
+
+if TYPE_CHECKING:
+    from lsp.selfplay.module import SelfPlaySettings
+
+
+class RolePass(NamedTuple):
+    """One role's share of a learning step on this rank."""
+
+    rollout: Rollout | None  # this rank's rows (B sequences); None: the rank has none
+    advantages: Tensor | None  # (B,) per sequence; None with the rollout
+    weight: float  # losses.role_weight: the role's weight in the total loss
+    temperature: float  # the role's sampling temperature
+    counts: tuple[int, int]  # the GLOBAL batch's (sequences, completion tokens) of the role
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def reference_logprobs(ref: nn.Module, rollout: Rollout, temperature: float,
+                       s: SelfPlaySettings, device: torch.device) -> Tensor:
+    """(B, C) float32 log-probs of the sampled completion tokens under pi_ref at `temperature`."""
+    with autocast(device, s.amp_dtype):
+        parts = [
+            completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
+                                rollout.prompt_len, temperature, share_prefix=s.share_prefix)
+            for mb in micro_batches(rollout.sequences.shape[0], s.micro_batch_size)
+        ]
+    return torch.cat(parts).float()  # (B, C)
+
+
+def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: SelfPlaySettings,
+                  device: torch.device, backward: Callable[[Tensor], None]) -> LossStats:
+    """Back-propagate `role.weight * L_role` of this rank's rows (ref: their (B, C) reference
+    log-probs) through `backward` (the LightningModule's manual_backward), one micro-batch at a
+    time; return the role's global loss and KL. Every rank calls it, with or without rows: its
+    one collective sums the ranks' shares."""
+    rollout, advantages = role.rollout, role.advantages
+    n_seq, n_tok = role.counts
+    loss_sum, kl_sum, gap_sum, has_gap = 0.0, 0.0, 0.0, 0.0
+    local = 0 if rollout is None else rollout.sequences.shape[0]
+    mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
+    for mb in micro_batches(local, s.micro_batch_size):
+        with autocast(device, s.amp_dtype):
+            logp = completion_logprobs(
+                policy, rollout.sequences[mb], rollout.attention_mask[mb],
+                rollout.prompt_len, role.temperature, share_prefix=s.share_prefix,
+            ).float()  # (b, C)
+        loss, stats = losses.policy_loss(
+            logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
+            s.kl_placement, s.aggregation, num_sequences=n_seq, num_tokens=n_tok,
+        )
+        backward(loss * role.weight)
+        loss_sum += loss.item()
+        kl_sum += stats["kl_sum"].item()  # summed sequence log-ratios of the micro-batch
+        if rollout.logprobs is not None:  # the engine's own (b, C) log-probs of its samples
+            gap = (logp.detach() - rollout.logprobs[mb].to(logp)).abs()
+            gap_sum += masked_sum(gap, mask[mb]).item()
+            has_gap = 1.0
+    # one collective per role on every rank: the global loss, KL and engine gap
+    loss_sum, kl_sum, gap_sum, has_gap = distributed.all_reduce_sum(
+        [loss_sum, kl_sum, gap_sum, has_gap])
+    gap = gap_sum / max(n_tok, 1) if has_gap else None
+    return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok),
+                     logprob_gap=gap)
