@@ -72,7 +72,7 @@ def test_generated_records_have_the_alpaca_eval_format(tmp_path):
 
 
 def test_generation_settings_refuse_a_zero_temperature_or_top_p(compose_cfg):
-    """Checked at the config boundary (lsp.config.GenerationSection), for every entry point."""
+    """Checked at the config boundary (lsp.config.schema.GenerationSection), for every entry point."""
     from lsp.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match="eval.generation.temperature=0: must be > 0"):

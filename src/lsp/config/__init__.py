@@ -27,40 +27,11 @@ from omegaconf.errors import MissingMandatoryValue
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-from lsp.config.checks import (
-    HYDRA_KEYS,
-    Amp,
-    ConfigError,
-    Dtype,
-    Engine,
-    Name,
-    NonNegFloat,
-    NonNegInt,
-    OnPolicyTopK,
-    OnPolicyTopP,
-    PosFloat,
-    PosInt,
-    Temperature,
-    TopP,
-    _check_target,
-    _typed,
-    choice,
-    rule,
-    target_node,
-)
-from lsp.config.schema import (
-    EvaluateConfig,
-    GenerationSection,
-    IFEvalConfig,
-    SelectConfig,
-    StudyParams,
-    TrainConfig,
-)
+from lsp.config.checks import ConfigError, NonNegInt, PosInt, _check_target, _typed
+from lsp.config.schema import EvaluateConfig, IFEvalConfig, SelectConfig, StudyParams, TrainConfig
 
-__all__ = ["HYDRA_KEYS", "SCHEMAS", "Amp", "ConfigError", "Dtype", "Engine", "EvaluateConfig",
-           "GenerationSection", "IFEvalConfig", "Name", "NonNegFloat", "NonNegInt", "OnPolicyTopK",
-           "OnPolicyTopP", "PosFloat", "PosInt", "SelectConfig", "StudyParams", "Temperature",
-           "TopP", "TrainConfig", "check_models", "choice", "rule", "target_node", "validate"]
+# What other modules import from lsp.config; the field types and sections live in checks/schema.
+__all__ = ["ConfigError", "NonNegInt", "PosInt", "check_models", "validate"]
 
 
 # --------------------------------------------------------------------------- rules across sections

@@ -111,7 +111,7 @@ def as_model_outputs(records: Sequence[dict], generator: str) -> list[dict]:
 
 @dataclass
 class GenerationSettings:
-    """Checked at the config boundary (lsp.config.GenerationSection)."""
+    """Checked at the config boundary (lsp.config.schema.GenerationSection)."""
 
     temperature: float = 0.01  # the paper's evaluation temperature
     top_p: float = 1.0

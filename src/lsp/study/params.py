@@ -16,7 +16,7 @@ TRAIN_KEYS = ("model", "reward", "rollout", "optim", "trainer", "logger", "callb
 
 
 def load_params(path: str | Path = "params.yaml") -> DictConfig:
-    """params.yaml, checked against the study schema (lsp.config.StudyParams): a malformed
+    """params.yaml, checked against the study schema (lsp.config.schema.StudyParams): a malformed
     value or a key nothing reads is one line naming it (and the file)."""
     from lsp.config import ConfigError, validate
 
