@@ -101,7 +101,7 @@ def experiment_id(logger_cfg: Mapping) -> str:
 
 
 def mark_training(client, exp_id: str) -> None:
-    """Tag the experiment as a training one (once; the Lightning logger's too, lsp.mlflow_logger)."""
+    """Tag the experiment as a training one (once; also for the Lightning logger, BufferedMLFlowLogger below)."""
     tags = client.get_experiment(exp_id).tags
     for key, value in EXPERIMENT_KIND.items():
         if tags.get(key) != value:
