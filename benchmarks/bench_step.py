@@ -11,6 +11,8 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subproce
   `lsp.engines` uses): TRL's best CPU configuration, not TRL as shipped;
 - `lsp`: the experiment's defaults (`experiment=cpu_smollm`); `lsp-vllm` / `lsp-own`: the same
   with both roles on the `vllm` / own (`lsp`) engine, to compare engines side by side.
+- `lsp-iomp` / `lsp-tcmalloc` / `lsp-tcmalloc-iomp`: `lsp` with Intel OpenMP (the intel-openmp
+  wheel's libiomp5) and / or tcmalloc (the OS package) in LD_PRELOAD, as vLLM's CPU docs advise.
 
 Both systems: the embedded SmolLM2-135M-Instruct, 4 prompts x 4 answers, at most 64 new tokens,
 temperature 1, beta 0.05 (a frozen reference model in memory), lr 3e-6, one optimiser step per
@@ -100,7 +102,23 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "lsp": ("lsp", []),
     "lsp-vllm": ("lsp", VLLM_ROLES),
     "lsp-own": ("lsp", OWN_ROLES),
+    # the same as `lsp` with libraries preloaded into the worker (vLLM's CPU docs recommend both):
+    # Intel OpenMP from the intel-openmp wheel the install already pulls in (.venv/lib), and
+    # tcmalloc from the OS (Debian: `apt install libgoogle-perftools4`)
+    "lsp-iomp": ("lsp", []),
+    "lsp-tcmalloc": ("lsp", []),
+    "lsp-tcmalloc-iomp": ("lsp", []),
 }
+PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
+
+
+def preload_path(lib: str) -> str:
+    """The library file for LD_PRELOAD, or exit naming what is missing."""
+    found = {"iomp": Path(sys.prefix) / "lib" / "libiomp5.so",
+             "tcmalloc": Path("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")}[lib]
+    if not found.is_file():
+        sys.exit(f"{lib}: {found} not found (tcmalloc: apt install libgoogle-perftools4)")
+    return str(found)
 STYLE = (" Write in plain, friendly English, keep the answer reasonably short, and do not repeat the"
          " question back to me before answering it.")
 PROMPTS = [p + STYLE for p in PROMPTS]
@@ -278,6 +296,8 @@ def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed + rnd)]
     cmd += [f"--lsp={o}" for o in args.lsp]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if system in PRELOAD:
+        env["LD_PRELOAD"] = ":".join(preload_path(lib) for lib in PRELOAD[system])
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if proc.returncode != 0:
@@ -337,6 +357,9 @@ def report(summary: dict, mach: dict, loads: tuple, args) -> str:
             rss = s["peak_rss_mb"] / t["peak_rss_mb"]
             lines.append(f"{mine}/{peer} solver samples/s ratio: {ratio:.2f} "
                          f"(peak RSS {mine}/{peer}: {rss:.2f})")
+    for name in (n for n in names if n in PRELOAD and "lsp" in names):  # the preload levers
+        lines.append(f"{name}/lsp solver samples/s ratio: "
+                     f"{summary[name]['solver_samples_per_s'] / summary['lsp']['solver_samples_per_s']:.2f}")
     return "\n".join(lines)
 
 
