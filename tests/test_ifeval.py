@@ -93,6 +93,26 @@ def _scored(strict, loose, key=0):
             "strict": strict, "loose": loose}
 
 
+def test_a_score_depends_only_on_the_prompt_and_the_response():
+    """Prompts whose official checkers draw randomly (letter_frequency with letter '#' or '!',
+    langdetect) get the same verdicts however often, and whatever the process's random state was;
+    that state is left as it was."""
+    import random
+
+    prompts = {p["key"]: p for p in ife.load_prompts(IFEVAL)}
+    cases = {1122: "hello ### world, all lower case here.",  # '#': a random letter is checked
+             1129: "Sunnis ice cream! Gentle! Try it! Now! Yes! Great! Good!",
+             2299: "Ciao, come stai? Sto bene, grazie."}  # language:response_language
+    verdicts = set()
+    for seed in range(30):
+        random.seed(seed)
+        before = random.getstate()
+        verdicts.add(tuple((k, tuple(r["strict"]), tuple(r["loose"])) for k, text in cases.items()
+                           for r in [ife.score_response(prompts[k], text)]))
+        assert random.getstate() == before
+    assert len(verdicts) == 1
+
+
 def test_summary_figures_hand_computed():
     rows = [_scored([True, False], [True, True], 0), _scored([True], [True], 1),
             _scored([False], [False], 2), _scored([True, True], [True, True], 3)]
