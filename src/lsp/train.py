@@ -27,6 +27,7 @@ from lsp.engines import EnginePool, VLLMSettings
 from lsp.engines.sampling import SamplingConfig
 from lsp.errors import InputError, exit_on_input_error
 from lsp.io import (
+    CHECKPOINT_MARKER,
     CorruptCheckpointError,
     atomic_write_json,
     check_checkpoint,
@@ -51,7 +52,8 @@ from lsp.selfplay.prompts import (
     load_prompt_file,
     render_challenger_prompt,
 )
-from lsp.tracking import BufferedMLFlowLogger, open_run, run_tags
+from lsp.tracking import run_tags
+from lsp.tracking.logger import BufferedMLFlowLogger, open_run
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -205,7 +207,7 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | Non
         hint = (f"delete {ckpt} to resume from {older[-1].name}" if older
                 else f"delete {ckpt} to start from step 0")
         raise CorruptCheckpointError(f"resume: {err}; {hint}") from None
-    info = json.loads((ckpt / "lsp_checkpoint.json").read_text())
+    info = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
     log.info("resuming %s from step %d (%s)", run_dir, info["step"], ckpt)
     return ckpt, info.get("mlflow_run_id") or run_id
 

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from lsp.engines.own import EngineUnavailableError, TorchEngine
+from lsp.engines.own import EngineUnavailableError, TorchEngine, lsp_cache_argument
 from lsp.engines.sampling import SamplingConfig, eos_ids
 from lsp.engines.vllm import VLLMEngine, VLLMSettings, engine_dtype
 from lsp.selfplay.records import Rollout
@@ -64,8 +64,8 @@ class EnginePool:
             key = ("torch", id(model))
             if key not in self._engines:
                 self._engines[key] = TorchEngine(model, tokenizer, amp)
-            # checked at every get: the engine built for `hf` may be asked for again as `lsp`
-            self._engines[key].check(kind)
+            if kind == "lsp":  # at every get: the engine built for `hf` may be asked for as `lsp`
+                lsp_cache_argument(model)
             return self._engines[key]
         key = ("vllm", id(model))
         if key not in self._engines:

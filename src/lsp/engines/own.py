@@ -57,7 +57,7 @@ def lsp_cache_argument(model) -> str:
 def generate(model, tokenizer, prompts: list[str], cfg: SamplingConfig,
              amp_dtype: torch.dtype | None = None, greedy: bool = False) -> Rollout:
     if cfg.engine == "lsp":
-        lsp_cache_argument(model)  # before any work (the engine checks it when built, too)
+        lsp_cache_argument(model)  # before any work (EnginePool.get checks it when built)
     parts = [
         _generate_chunk(model, tokenizer, prompts[i : i + cfg.batch_size], cfg, amp_dtype, greedy)
         for i in range(0, len(prompts), cfg.batch_size)
@@ -239,21 +239,11 @@ class _Reserving:
 
 
 class TorchEngine:
-    """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`). `kind`: the engine
-    the config names, checked now (`check`), so that `engine: lsp` on a model the loop cannot
-    decode fails when the engine is built, not in the first rollout; None (one engine serving
-    the roles' own `cfg.engine`): checked at the first call with `lsp`."""
+    """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`, which refuses
+    `engine: lsp` on a model the loop cannot decode; `EnginePool.get` refuses it when built)."""
 
-    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None,
-                 kind: str | None = None):
+    def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.amp_dtype = model, tokenizer, amp_dtype
-        if kind is not None:
-            self.check(kind)
-
-    def check(self, kind: str) -> None:
-        """Raise EngineUnavailableError when this model cannot be decoded with `kind`."""
-        if kind == "lsp":
-            lsp_cache_argument(self.model)
 
     def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
         return generate(self.model, self.tokenizer, prompts, cfg, self.amp_dtype, greedy)

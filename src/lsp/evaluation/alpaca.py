@@ -23,7 +23,7 @@ from lsp.evaluation.outputs import (
 from lsp.evaluation.sanity import eval_pair_stats, format_sanity, sanity_report
 from lsp.evaluation.scoring import score_head2head
 from lsp.evaluation.selection import candidate_model
-from lsp.io import atomic_write_json
+from lsp.io import CHECKPOINT_MARKER, atomic_write_json
 from lsp.tracking import flatten, log_run, log_to_existing_run, publish_figures
 
 ALPACA_EVAL_SIZE = 805  # LC win rates need each instruction's position in the full set
@@ -135,7 +135,7 @@ def _log(cfg: DictConfig, name: str, metrics: dict) -> None:
     log_run(cfg.get("logger"), (cfg.get("logger") or {}).get("run_name") or f"evaluate_{name}", params,
             flat, [out / "details.json", out / "sanity.json", out / "vs_base" / "annotations.json"],
             tags={"lsp.stage": "evaluate", "lsp.candidate": name})
-    marker = Path(metrics["candidate"]["model"]) / "lsp_checkpoint.json"
+    marker = Path(metrics["candidate"]["model"]) / CHECKPOINT_MARKER
     if marker.is_file():  # a trainer checkpoint: its training run gets the headline numbers too
         info = json.loads(marker.read_text())
         headline = {k: v for k, v in flat.items() if k.count("/") == 1 or "/overall/" in k or

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lsp.errors import InputError
-from lsp.io import atomic_write_json, atomic_write_text
+from lsp.io import atomic_write_json, atomic_write_text, read_jsonl
 from lsp.models import amp_dtype, resolve_device
 
 RECORD_KEYS = ("instruction", "output", "generator", "dataset")
@@ -138,10 +138,8 @@ class OutputStore:
                     f"{self.path} was generated with {stored}, not {meta}. Use another generator "
                     "name or out_dir, or delete the store to regenerate."
                 )
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                self.records[rec["instruction"]] = rec
+        if self.path.exists():  # written atomically per batch: never torn
+            self.records = {rec["instruction"]: rec for rec in read_jsonl(self.path)}
 
     def add(self, batch: Sequence[dict]) -> None:
         if not self.meta_path.exists():

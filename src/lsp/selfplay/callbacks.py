@@ -32,7 +32,7 @@ class RolloutHooks(Callback):
 
 
 def _mlflow(trainer):
-    """The run's MLflow logger (lsp.tracking.BufferedMLFlowLogger), or None."""
+    """The run's MLflow logger (lsp.tracking.logger.BufferedMLFlowLogger), or None."""
     for logger in trainer.loggers:
         if hasattr(logger, "run_id") and hasattr(logger, "log_table"):
             return logger
