@@ -1,7 +1,7 @@
 """One self-play step on injected rollouts, on 1 process or under torchrun (2 processes, gloo).
 
 Run by tests/test_distributed.py: `python -m torch.distributed.run --standalone
---nproc-per-node W tests/distributed_step.py SCENARIO OUT`. Every rank plays its share of the
+--nproc-per-node W tests/distributed_step.py SCENARIO OUT [ddp|fsdp]` (W > 1: that strategy). Every rank plays its share of the
 scenario's global queries in rank order (rank r: queries [r N/W, (r+1) N/W)), each answered by
 fixed texts and scored by a deterministic program reward, so the 1-process and W-process runs
 see the same global batch. Rank 0 saves the parameter update and the step's metrics to OUT.
@@ -25,6 +25,7 @@ from lsp.engines.sampling import SamplingConfig
 from lsp.models import ensure_tiny, load_causal_lm, load_tokenizer
 from lsp.selfplay.data import SelfPlayData
 from lsp.selfplay.distributed import SelfPlayDDP, rank, world_size
+from lsp.selfplay.fsdp import SelfPlayFSDP, full_state_dict, is_sharded
 from lsp.selfplay.module import SelfPlayModule, SelfPlaySettings
 from lsp.selfplay.records import RewardOutput, Rollout
 
@@ -87,15 +88,16 @@ class CharReward:
         return RewardOutput(torch.tensor(values), torch.zeros(len(values), dtype=torch.bool))
 
 
-def main(scenario: str, out: str) -> None:
+def main(scenario: str, out: str, strategy: str = "ddp") -> None:
     torch.manual_seed(0)
     path = str(ensure_tiny("causal", Path(tempfile.gettempdir()) / "lsp-dist-test-models"))
     tok = load_tokenizer(path)
     policy = load_causal_lm(path, trainable=True)
     reference = load_causal_lm(path)
     devices = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    several = {"ddp": SelfPlayDDP, "fsdp": SelfPlayFSDP}[strategy]
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=devices,
-                        strategy=SelfPlayDDP() if devices > 1 else "auto", logger=False,
+                        strategy=several() if devices > 1 else "auto", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     n = len(SCENARIOS[scenario]) // devices
@@ -111,11 +113,13 @@ def main(scenario: str, out: str) -> None:
     before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     trainer.fit(module, datamodule=SelfPlayData())
     assert world_size() == devices, (world_size(), devices)
+    assert is_sharded(policy) == (strategy == "fsdp" and devices > 1)
+    after = full_state_dict(policy) if is_sharded(policy) else policy.state_dict()  # every rank
     if rank() == 0:
-        delta = {k: policy.state_dict()[k] - before[k] for k in before}
+        delta = {k: after[k] - before[k] for k in before}
         torch.save(delta, out)
         Path(out).with_suffix(".json").write_text(json.dumps(module.last_metrics))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -16,6 +16,7 @@ from lsp.config import ConfigError, validate
 from lsp.io import list_checkpoints
 from lsp.selfplay.callbacks import read_history
 from lsp.selfplay.distributed import SelfPlayDDP, merge_batches, rank_rows, rank_seed
+from lsp.selfplay.fsdp import SelfPlayFSDP, full_weights, is_sharded, shard
 from lsp.selfplay.records import QueryCheck, Rollout, SelfPlayBatch
 from lsp.train import build_strategy, check_world
 
@@ -31,15 +32,17 @@ def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 
 
 # ---- the update equals the 1-process update --------------------------------------------------
-@pytest.mark.parametrize("scenario", ["one_rank_invalid", "mixed"])
-def test_two_process_step_equals_one_process_step(tmp_path, scenario):
+@pytest.mark.parametrize(("scenario", "strategy"), [
+    ("one_rank_invalid", "ddp"), ("mixed", "ddp"), ("one_rank_invalid", "fsdp"), ("mixed", "fsdp")])
+def test_two_process_step_equals_one_process_step(tmp_path, scenario, strategy):
     """Same global rollouts (injected), 1 vs 2 gloo processes: the same parameter update to 1e-5
     relative, and the same logged metrics. `one_rank_invalid`: rank 1's two queries are both
-    degenerate, so it has no Solver rows and makes fewer backward calls than rank 0."""
+    degenerate, so it has no Solver rows and makes fewer backward calls than rank 0 (under fsdp it
+    runs dummy passes instead, or the ranks would hang in mismatched collectives)."""
     script = str(REPO / "tests" / "distributed_step.py")
     run([script, scenario, str(tmp_path / "one.pt")], tmp_path)
     run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
-         scenario, str(tmp_path / "two.pt")], tmp_path)
+         scenario, str(tmp_path / "two.pt"), strategy], tmp_path, timeout=300)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     norm = sum((v**2).sum() for v in one.values()).sqrt()
     diff = sum(((one[k] - two[k]) ** 2).sum() for k in one).sqrt()
@@ -55,9 +58,10 @@ def test_two_process_step_equals_one_process_step(tmp_path, scenario):
 
 
 # ---- a CLI run with 2 processes, checkpoint and resume ----------------------------------------
-def train_cli(cwd: Path, run_dir: Path, *extra: str):
-    return run(["-m", "lsp.train", "experiment=smoke", "trainer.devices=2", "trainer.strategy=ddp",
-                "rollout.num_queries=4", f"run_dir={run_dir}", *extra], cwd)
+def train_cli(cwd: Path, run_dir: Path, *extra: str, strategy: str = "ddp"):
+    return run(["-m", "lsp.train", "experiment=smoke", "trainer.devices=2",
+                f"trainer.strategy={strategy}", "rollout.num_queries=4", f"run_dir={run_dir}",
+                *extra], cwd)
 
 
 def test_two_process_cli_run_resumes_exactly(tmp_path):
@@ -94,6 +98,33 @@ def test_two_process_cli_run_resumes_exactly(tmp_path):
     first = {r["query_id"]: r["query"] for r in rows if r["step"] == 1}
     assert len(first) == 4  # the global batch: both ranks' queries
     assert [first[0], first[1]] != [first[2], first[3]]  # rank 0's share vs rank 1's
+
+
+def test_two_process_fsdp_run_resumes_exactly(tmp_path):
+    """`trainer.strategy=fsdp` from the CLI: the checkpoint holds full weights that load with
+    from_pretrained (LlamaForCausalLM, not FSDP's wrapper class), and a run stopped after step 2
+    and resumed to step 3 ends with the same weights as an uninterrupted 3-step run. Step 3's
+    AdamW update depends on the moments saved at step 2, so a sharded optimiser state that was
+    not restored (or restored to the wrong parameters) shows up in the weights."""
+    from safetensors.torch import load_file
+
+    from lsp.models import load_causal_lm
+
+    train_cli(tmp_path, tmp_path / "straight", "trainer.max_steps=3", strategy="fsdp")
+    train_cli(tmp_path, tmp_path / "resumed", "trainer.max_steps=2", strategy="fsdp")
+    train_cli(tmp_path, tmp_path / "resumed", "trainer.max_steps=3", "resume=true",
+              strategy="fsdp")
+    ckpt = {name: tmp_path / name / "checkpoints" / "step_000003" for name in ("straight", "resumed")}
+    straight, resumed = (load_file(ckpt[n] / "model.safetensors") for n in ("straight", "resumed"))
+    before = load_file(tmp_path / "straight" / "checkpoints" / "step_000002" / "model.safetensors")
+    assert max((straight[k] - before[k]).abs().max() for k in straight) > 1e-5  # step 3 moved
+    assert max((straight[k] - resumed[k]).abs().max() for k in straight) < 1e-6
+    lines = (tmp_path / "resumed" / "history.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in lines] == ["1", "2", "3"]
+    config = json.loads((ckpt["resumed"] / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    model = load_causal_lm(str(ckpt["resumed"]))
+    assert torch.equal(model.state_dict()["model.norm.weight"], resumed["model.norm.weight"])
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -153,3 +184,14 @@ def test_strategy_from_config(compose_cfg):
     assert isinstance(build_strategy(t2, "cpu"), SelfPlayDDP)  # auto with 2 devices: ours
     t3 = OmegaConf.merge(t, {"strategy": "ddp", "num_nodes": 2})
     assert isinstance(build_strategy(t3, "cpu"), SelfPlayDDP)
+    t4 = OmegaConf.merge(t, {"strategy": "fsdp", "devices": 2})
+    fsdp = build_strategy(t4, "cpu")
+    assert isinstance(fsdp, SelfPlayFSDP) and fsdp.reshard_after_forward is True
+
+
+def test_shard_refuses_a_model_without_blocks_and_full_weights_is_a_no_op_unsharded():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        shard(model)
+    with full_weights(model):  # not sharded: nothing to gather, no process group needed
+        assert not is_sharded(model)

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lsp.config import NonNegInt, PosInt
 from lsp.io import CHECKPOINT_MARKER as MARKER
 from lsp.io import CheckpointWriteError, atomic_write_text, latest_checkpoint, list_checkpoints
+from lsp.selfplay import fsdp
 from lsp.selfplay.records import SelfPlayBatch
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,11 @@ class HFCheckpoint(Callback):
         return final
 
     def _write(self, trainer, module, step: int, tmp: Path, writer: bool) -> None:
+        # sharded (fsdp): every rank gathers the full weights, rank 0 writes them
+        full = fsdp.full_state_dict(module.policy) if fsdp.is_sharded(module.policy) else None
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
-            module.policy.save_pretrained(tmp)
+            module.policy.save_pretrained(tmp, state_dict=full)
             module.tokenizer.save_pretrained(tmp)
         trainer.save_checkpoint(tmp / "trainer_state.ckpt")  # every rank; rank 0 writes
         if writer:

@@ -46,7 +46,7 @@ from lsp.chat import render_chat
 from lsp.engines import Engine, TorchEngine
 from lsp.engines.sampling import SamplingConfig
 from lsp.selfplay import advantages as adv
-from lsp.selfplay import distributed
+from lsp.selfplay import distributed, fsdp
 from lsp.selfplay.constraints import augment
 from lsp.selfplay.losses import LossStats, role_counts, role_weight, total_loss
 from lsp.selfplay.metrics import step_metrics
@@ -147,9 +147,11 @@ class SelfPlayModule(L.LightningModule):
     def play(self, timer: PhaseTimer) -> tuple[SelfPlayBatch, SelfPlayBatch]:
         """(this rank's batch, the global batch of every rank, identical on all ranks)."""
         self.policy.eval()  # no dropout while sampling
-        sp = self.challenge(timer) if self.settings.prompt_queries is None else self.from_prompts()
-        if sp.check.valid.any():
-            self.solve(sp, timer)
+        with fsdp.full_weights(self.policy):  # sharded (fsdp): decode on gathered weights
+            sp = self.challenge(timer) if self.settings.prompt_queries is None else self.from_prompts()
+            if sp.check.valid.any():
+                self.solve(sp, timer)
+        if sp.solver is not None:
             self.call_hooks("on_solver_rollout_end", sp)
             self.score(sp, timer)
         with timer("gather"):
@@ -262,7 +264,8 @@ class SelfPlayModule(L.LightningModule):
         with timer("forward_backward"):
             stats = {role: backward_role(self.policy, r, refs.get(role), s, self.device,
                                          self.manual_backward) for role, r in roles.items()}
-        if distributed.world_size() > 1:
+        if distributed.world_size() > 1 and not fsdp.is_sharded(self.policy):
+            # (sharded: FSDP reduce-scattered every backward already)
             with timer("gradient_sync"):
                 distributed.sync_gradients([p for p in self.policy.parameters()
                                             if p.requires_grad])
@@ -292,12 +295,16 @@ class SelfPlayModule(L.LightningModule):
         global step: the step counter, checkpoint steps and max_steps stay aligned on resume."""
         params = [p for p in self.policy.parameters() if p.grad is not None]
         # One pass over the gradients: their total norm is finite iff every gradient is.
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        sharded = fsdp.is_sharded(self.policy)  # then the norm is over every rank's shards
+        norm = (fsdp.grad_norm(params) if sharded
+                else torch.nn.utils.get_total_norm([p.grad for p in params]))
         finite = math.isfinite(loss) and bool(torch.isfinite(norm))
         if finite:
             self.nonfinite_streak = 0
             self.grad_norm = norm
-            if self.settings.grad_clip:
+            if self.settings.grad_clip and sharded:
+                fsdp.clip_grads(params, self.settings.grad_clip, norm)
+            elif self.settings.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(params, self.settings.grad_clip, norm)
         else:
             opt.zero_grad(set_to_none=True)  # the step below then changes nothing

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lsp.models import autocast
-from lsp.selfplay import distributed, losses
+from lsp.selfplay import distributed, fsdp, losses
 from lsp.selfplay.logprobs import completion_logprobs, masked_sum
 from lsp.selfplay.losses import LossStats
 from lsp.selfplay.records import Rollout
@@ -64,7 +64,14 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
     loss_sum, kl_sum, gap_sum, has_gap = 0.0, 0.0, 0.0, 0.0
     local = 0 if rollout is None else rollout.sequences.shape[0]
     mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
-    for mb in micro_batches(local, s.micro_batch_size):
+    batches = micro_batches(local, s.micro_batch_size)
+    # sharded (fsdp): every rank makes the busiest rank's count of forward/backward passes
+    dummies = fsdp.micro_steps(len(batches)) - len(batches) if fsdp.is_sharded(policy) else 0
+    for _ in range(dummies):
+        with autocast(device, s.amp_dtype):
+            zero = fsdp.dummy_loss(policy, device)
+        backward(zero)
+    for mb in batches:
         with autocast(device, s.amp_dtype):
             logp = completion_logprobs(
                 policy, rollout.sequences[mb], rollout.attention_mask[mb],
