@@ -73,7 +73,9 @@ class Replay:
             served[p] = served.get(p, 0) + 1
         return rollout(self.tok, prompts, texts)
 
-    def push(self, model) -> None: ...
+    pushes_weights = False
+
+    def push(self, model, state_dict=None) -> None: ...
 
 
 class CharReward:

@@ -169,8 +169,9 @@ def test_world_checks(compose_cfg):
         check_world(cfg, 2)
     check_world(cfg, 1)
     cfg = compose_cfg("experiment=cpu_smollm")
-    with pytest.raises(ConfigError, match="engine=vllm with 2 processes"):
-        check_world(cfg, 2)
+    with pytest.raises(ConfigError, match="engine=vllm with 2 GPU processes"):
+        check_world(cfg, 2, "cuda:1")
+    check_world(cfg, 2, "cpu")  # CPU: one engine per rank (tests/test_engines.py runs it)
     with pytest.raises(ConfigError, match="trainer.strategy='dpp'.*expected one of"):
         validate(compose_cfg("experiment=smoke", "trainer.strategy=dpp"))
     with pytest.raises(ConfigError, match="trainer.precision"):

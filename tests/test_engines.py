@@ -180,3 +180,40 @@ def test_lsp_engine_refuses_a_model_without_a_kv_cache_argument():
         pool.get("lsp", model, None, "unused")
     with pytest.raises(EngineUnavailableError, match="use engine: hf"):
         generate(model, None, ["q"], SamplingConfig(engine="lsp"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_each_sample_their_own_vllm_engine_with_current_weights(
+        tmp_path, vllm_llama, strategy):
+    """2 gloo processes on CPU, each with its own in-process vLLM engine (started inside fit,
+    when vLLM can join the process group). The logged logprob gap is summed over both ranks'
+    samples, so a rank whose engine kept the old weights would show (lr 0.05 moves the policy by
+    more than 1e-2 in log-prob: test_a_stale_engine_shows_in_the_logprob_gap). fsdp: the push
+    gathers the sharded weights on every rank. The ranks sample different queries."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lsp.selfplay.callbacks import read_history
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lsp.train", "experiment=smoke", "algo=lsp_zero",
+           f"model.policy={vllm_llama}", "reward=length", "rollout.challenger.engine=vllm",
+           "rollout.solver.engine=vllm", "trainer.max_steps=3", "optim.lr=0.05",
+           "rollout.vllm.enforce_eager=true", "rollout.vllm.kv_cache_gb=1",
+           "rollout.vllm.max_model_len=2048", "rollout.num_queries=4", "trainer.devices=2",
+           f"trainer.strategy={strategy}", f"run_dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo / "src")}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    history = read_history(run_dir / "history.csv")
+    assert [int(r["step"]) for r in history] == [1, 2, 3]
+    gaps = [r["rollout/logprob_gap"] for r in history]
+    assert all(0 <= g < 1e-3 for g in gaps), gaps
+    assert history[0]["loss/total"] != history[1]["loss/total"]
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    first = {r["query_id"]: r["query"] for r in rows if r["step"] == 1}
+    assert len(first) == 4 and [first[0], first[1]] != [first[2], first[3]]

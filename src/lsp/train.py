@@ -124,7 +124,7 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None,
     roles = {role: engines.get(cfg.rollout[role].engine, policy, tokenizer, policy_path, m.dtype,
                                settings.amp_dtype) for role in ("challenger", "solver")}
     return SelfPlayModule(policy, reference, tokenizer, reward, self_reward, settings, optimizer,
-                          engines=roles, constraints=constraints)
+                          engines=roles, constraints=constraints, engine_pool=engines)
 
 
 def constraint_sampler(cfg: DictConfig, reward) -> ConstraintSampler | None:
@@ -137,7 +137,7 @@ def constraint_sampler(cfg: DictConfig, reward) -> ConstraintSampler | None:
         raise ConfigError(f"invalid config: rollout.constraints: {err}") from err
 
 
-def check_world(cfg: DictConfig, world: int) -> None:
+def check_world(cfg: DictConfig, world: int, device: str = "cpu") -> None:
     """What several processes need that one does not (the rest: lsp.config)."""
     if world == 1:
         return
@@ -148,10 +148,13 @@ def check_world(cfg: DictConfig, world: int) -> None:
     if cfg.algo.self_reward.get("engine"):
         engines["algo.self_reward.engine"] = cfg.algo.self_reward.engine
     vllm = [k for k, v in engines.items() if v == "vllm"]
-    if vllm:
-        raise ConfigError(f"invalid config: {', '.join(vllm)}=vllm with {world} processes is not "
-                          "supported yet (one vLLM engine per rank needs vLLM's external_launcher "
-                          "mode; README, 'Several GPUs'): use engine=lsp")
+    if vllm and not device.startswith("cpu"):
+        # vLLM's in-process executor takes device index 0 (UniProcExecutor), so every rank's
+        # engine would land on cuda:0; its torchrun mode (external_launcher) is the way, not
+        # yet run on a GPU here. On CPUs each rank runs its own engine (lsp.engines.vllm).
+        raise ConfigError(f"invalid config: {', '.join(vllm)}=vllm with {world} GPU processes is "
+                          "not supported yet (every rank's engine would be placed on cuda:0; "
+                          "README, 'Several processes'): use engine=lsp")
 
 
 def build_logger(cfg: DictConfig, run_id: str | None) -> BufferedMLFlowLogger:
@@ -290,7 +293,7 @@ def train(cfg: DictConfig) -> dict:
     # Lightning's own launch, which re-runs this command once per extra rank).
     trainer = build_trainer(cfg, run_dir)
     world = trainer.world_size
-    check_world(cfg, world)
+    check_world(cfg, world, str(trainer.strategy.root_device))
     if world > 1 and not cfg.run_dir and not isinstance(
             trainer.strategy.cluster_environment, LightningEnvironment):
         # torchrun / SLURM start every rank itself: each would make its own timestamped folder

@@ -45,7 +45,7 @@ class Engine(Protocol):
     def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
         ...
 
-    def push(self, model) -> None:
+    def push(self, model, state_dict: dict | None = None) -> None:
         ...
 
 
@@ -75,3 +75,9 @@ class EnginePool:
 
     def engines(self) -> list[Engine]:
         return list(self._engines.values())
+
+    def start(self) -> None:
+        """Build every engine not built yet, in the order they were asked for (VLLMEngine)."""
+        for engine in self._engines.values():
+            if hasattr(engine, "start"):
+                engine.start()

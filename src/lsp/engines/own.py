@@ -239,6 +239,7 @@ class _Reserving:
 
 
 class TorchEngine:
+    pushes_weights = False  # decodes on the model object: always current
     """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`, which refuses
     `engine: lsp` on a model the loop cannot decode; `EnginePool.get` refuses it when built)."""
 
@@ -248,7 +249,7 @@ class TorchEngine:
     def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
         return generate(self.model, self.tokenizer, prompts, cfg, self.amp_dtype, greedy)
 
-    def push(self, model) -> None:  # decodes with the model itself: always current
+    def push(self, model, state_dict: dict | None = None) -> None:  # decodes with the model itself
         return None
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -56,6 +57,8 @@ def _groups(lengths: list[int], budget: int | None) -> list[list[int]]:
 class VLLMEngine:
     """An in-process vLLM engine over `path` (module doc)."""
 
+    pushes_weights = True  # holds its own copy of the weights
+
     def __init__(self, path: str, tokenizer, eos: list[int], device: str, dtype: str,
                  settings: VLLMSettings):
         try:
@@ -73,7 +76,6 @@ class VLLMEngine:
         max_len = min(settings.max_model_len,
                       getattr(config, "max_position_embeddings", None) or settings.max_model_len)
         self.tokenizer = tokenizer
-        start = time.perf_counter()
         # CPU: vLLM rewinds a seeded request's generator after a partial (chunked) prefill with a
         # CUDA-only call ("RuntimeError: CPU Generator does not use offset"), and chunked prefill
         # cannot be turned off in its V1 engine. So no prompt may be split across steps: a step
@@ -82,12 +84,28 @@ class VLLMEngine:
         self.prefill_budget = max(settings.cpu_prefill_tokens, max_len) if device == "cpu" else None
         kwargs = ({"max_num_batched_tokens": self.prefill_budget} if device == "cpu"
                   else {"gpu_memory_utilization": settings.gpu_memory_utilization})
-        self.llm = LLM(model=path, tokenizer=path, dtype=dtype, enforce_eager=settings.enforce_eager,
-                       max_model_len=max_len, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, seed=int(torch.initial_seed() % 2**31),
-                       **kwargs)
+        # Built at `start` (or the first use), not here: with several processes vLLM joins the
+        # run's process group (its per-rank groups are made with collective calls), which
+        # Lightning creates only inside fit; `SelfPlayModule.setup` starts every engine of the
+        # run, in the order they were asked for, on every rank.
+        self._build = partial(LLM, model=path, tokenizer=path, dtype=dtype,
+                              enforce_eager=settings.enforce_eager, max_model_len=max_len,
+                              logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                              seed=int(torch.initial_seed() % 2**31), **kwargs)
+        self._llm = None
+        self.label = f"{path} ({dtype})"
         self.eos = eos
-        log.info("vLLM engine for %s (%s) ready in %.0f s", path, dtype, time.perf_counter() - start)
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            start = time.perf_counter()
+            self._llm = self._build()
+            log.info("vLLM engine for %s ready in %.0f s", self.label, time.perf_counter() - start)
+        return self._llm
+
+    def start(self) -> None:
+        _ = self.llm
 
     def generate(self, prompts: list[str], cfg: SamplingConfig, greedy: bool = False) -> Rollout:
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
@@ -140,12 +158,14 @@ class VLLMEngine:
         )
 
     @torch.no_grad()
-    def push(self, model) -> None:
-        """Replace the engine's weights by `model`'s (its full HF state dict), in place."""
+    def push(self, model, state_dict: dict | None = None) -> None:
+        """Replace the engine's weights by `model`'s (its full HF state dict, or `state_dict`:
+        the full tensors of a sharded model), in place."""
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         # cast to the engine's dtype here: vLLM would cast too, logging one warning per tensor
         dtype = self.llm.llm_engine.model_config.dtype
-        weights = ((name, t.detach().to(dtype)) for name, t in model.state_dict().items())
+        state = model.state_dict() if state_dict is None else state_dict
+        weights = ((name, t.detach().to(dtype)) for name, t in state.items())
         worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 

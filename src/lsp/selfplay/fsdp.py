@@ -118,12 +118,13 @@ def clip_grads(params: list[Tensor], max_norm: float, norm: Tensor) -> None:
             local(p.grad).mul_(coef)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Full CPU tensors on rank 0 ({} on the others); a collective: every rank calls it."""
+def full_state_dict(model: nn.Module, offload: bool = True) -> dict[str, Tensor]:
+    """The full tensors; a collective: every rank calls it. offload: on the CPU, on rank 0 only
+    ({} on the others: a checkpoint); otherwise on every rank, on its device (an engine push)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+                                                                cpu_offload=offload))
 
 
 class SelfPlayFSDP(SelfPlayDDP):

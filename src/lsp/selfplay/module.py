@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from lsp.chat import render_chat
-from lsp.engines import Engine, TorchEngine
+from lsp.engines import Engine, EnginePool, TorchEngine
 from lsp.engines.sampling import SamplingConfig
 from lsp.selfplay import advantages as adv
 from lsp.selfplay import distributed, fsdp
@@ -92,7 +92,8 @@ class SelfPlaySettings:
 
 class SelfPlayModule(L.LightningModule):
     def __init__(self, policy, reference, tokenizer, reward, self_reward, settings, optimizer,
-                 engines: dict[str, Engine] | None = None, constraints=None):
+                 engines: dict[str, Engine] | None = None, constraints=None,
+                 engine_pool: EnginePool | None = None):
         super().__init__()
         self.policy = policy  # the only trainable submodule (and the only one checkpointed)
         # Frozen helpers are kept out of the module tree: not saved, not counted as parameters.
@@ -115,6 +116,13 @@ class SelfPlayModule(L.LightningModule):
         # lsp.selfplay.constraints.ConstraintSampler: the environment appends its instructions to every
         # valid query (when the reward scores them); None: the Solver answers the query as is.
         self.constraints = constraints
+        self.engine_pool = engine_pool  # the run's engines (roles and judges), started at setup
+
+    def setup(self, stage: str) -> None:
+        # inside fit, once the process group exists: engines that join it (vLLM) start here,
+        # every rank in the same order (lsp.engines.vllm)
+        if self.engine_pool is not None:
+            self.engine_pool.start()
 
     def on_fit_start(self) -> None:
         if self.settings.retain_freed_memory and self.device.type == "cpu":
@@ -280,8 +288,12 @@ class SelfPlayModule(L.LightningModule):
     def push_weights(self) -> None:
         """Give every engine that samples the policy its new weights (a no-op for engines that
         decode on the policy itself): the next rollout comes from the current weights."""
-        for engine in {id(e): e for e in self.engines.values()}.values():
-            engine.push(self.policy)
+        engines = list({id(e): e for e in self.engines.values()}.values())
+        state = None  # sharded: every rank gathers the full tensors (a collective) for its engine
+        if fsdp.is_sharded(self.policy) and any(e.pushes_weights for e in engines):
+            state = fsdp.full_state_dict(self.policy, offload=False)
+        for engine in engines:
+            engine.push(self.policy, state)
 
     def clipped_step(self, opt, loss: float) -> bool:
         """One clipped optimiser step (`loss`: the step's total); False when a non-finite loss or
