@@ -1,12 +1,12 @@
-"""Seconds per step at 1 and at 2 data-parallel processes (lsp.selfplay.distributed), same machine, one
-run after the other, alternating: `python -m lsp.train` as a user runs it, the median of
+"""Seconds per step at 1 process and at 2 data-parallel processes (`ddp`, `fsdp`), same machine,
+one run after the other, alternating: `python -m lsp.train` as a user runs it, the median of
 `perf/step_s` over the steps after the first (history.csv; the first carries warm-up).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_processes.py [smoke|cpu_smollm ...]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_processes.py [smoke|cpu_smollm|cpu_smollm_vllm ...]
 
-Both process counts play the same global batch (rollout.num_queries), so the ratio is the
-speed-up of one step. The embedded experiment runs with the `lsp` engine at both counts: the
-`vllm` engine does not run with several processes yet (README, "Several processes").
+Every layout plays the same global batch (rollout.num_queries), so a ratio is the speed-up of
+one step. `cpu_smollm` runs the embedded experiment with the `lsp` engine, `cpu_smollm_vllm` with
+its default `vllm` engine (one engine per rank). Results: results/processes_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -24,45 +24,66 @@ from pathlib import Path
 from lsp.selfplay.callbacks import read_history
 
 SETTINGS = {  # experiment -> (overrides, steps)
-    "smoke": (["rollout.num_queries=4", "rollout.group_size=4"], 6),
-    "cpu_smollm": (["rollout.challenger.engine=lsp", "rollout.solver.engine=lsp"], 4),
+    "smoke": (["experiment=smoke", "rollout.num_queries=4", "rollout.group_size=4"], 6),
+    "cpu_smollm": (["experiment=cpu_smollm", "rollout.challenger.engine=lsp",
+                    "rollout.solver.engine=lsp"], 4),
+    "cpu_smollm_vllm": (["experiment=cpu_smollm"], 4),
 }
+LAYOUTS = {"1": (1, "auto"), "ddp": (2, "ddp"), "fsdp": (2, "fsdp")}  # name -> (processes, strategy)
 
 
-def run(experiment: str, devices: int, root: Path) -> dict:
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def run(experiment: str, layout: str, root: Path) -> dict:
     overrides, steps = SETTINGS[experiment]
-    run_dir = root / f"{experiment}-{devices}-{time.time_ns()}"
-    cmd = [sys.executable, "-m", "lsp.train", f"experiment={experiment}", f"run_dir={run_dir}",
-           f"trainer.max_steps={steps}", f"trainer.devices={devices}", "trainer.strategy=ddp",
+    devices, strategy = LAYOUTS[layout]
+    run_dir = root / f"{experiment}-{layout}-{time.time_ns()}"
+    cmd = [sys.executable, "-m", "lsp.train", f"run_dir={run_dir}", f"trainer.max_steps={steps}",
+           f"trainer.devices={devices}", f"trainer.strategy={strategy}",
            "callbacks.checkpoint.every_n_steps=1000", *overrides]
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    # a fresh parent per run: its children's peak RSS is this run's largest process (a rank)
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=root, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, env=env, cwd=root,
+                         capture_output=True, text=True)
     wall = time.perf_counter() - start
+    peak_gb = int(out.stdout.strip().splitlines()[-1]) / 2**20  # ru_maxrss: KiB on Linux
     steps_s = [r["perf/step_s"] for r in read_history(run_dir / "history.csv")][1:]
-    return {"experiment": experiment, "devices": devices, "median_step_s": statistics.median(steps_s),
-            "steps_s": steps_s, "wall_s": wall}
+    return {"experiment": experiment, "layout": layout, "devices": devices,
+            "median_step_s": statistics.median(steps_s), "steps_s": steps_s, "wall_s": wall,
+            "peak_rss_gb_largest_process": peak_gb}
 
 
 def main(experiments: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-processes-"))
     results = []
     for experiment in experiments:
-        for devices in (1, 2, 1, 2):  # alternating: drift on the machine hits both
-            results.append(run(experiment, devices, root))
+        for layout in [*LAYOUTS, *LAYOUTS]:  # alternating: drift on the machine hits all
+            results.append(run(experiment, layout, root))
             r = results[-1]
-            print(f"{experiment:11s} {devices} process(es): median {r['median_step_s']:.2f} s/step "
-                  f"(steps {', '.join(f'{s:.2f}' for s in r['steps_s'])})", flush=True)
+            print(f"{experiment:15s} {layout:4s}: median {r['median_step_s']:.2f} s/step, peak RSS "
+                  f"{r['peak_rss_gb_largest_process']:.2f} GB (steps "
+                  f"{', '.join(f'{s:.2f}' for s in r['steps_s'])})", flush=True)
+    cpu = cpu_name()
+    print(f"machine: {cpu}, {os.cpu_count()} cores")
     for experiment in experiments:
-        one = statistics.median(r["median_step_s"] for r in results
-                                if r["experiment"] == experiment and r["devices"] == 1)
-        two = statistics.median(r["median_step_s"] for r in results
-                                if r["experiment"] == experiment and r["devices"] == 2)
-        print(f"{experiment}: 1 process {one:.2f} s/step, 2 processes {two:.2f} s/step, "
-              f"speed-up {one / two:.2f}x")
-    out = Path(__file__).parent / "results" / "processes.json"
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                               "cores": os.cpu_count(), "runs": results}, indent=2))
+        med = {layout: statistics.median(r["median_step_s"] for r in results
+                                         if r["experiment"] == experiment and r["layout"] == layout)
+               for layout in LAYOUTS}
+        print(f"{experiment}: 1 process {med['1']:.2f} s/step, 2 ddp {med['ddp']:.2f} "
+              f"({med['1'] / med['ddp']:.2f}x), 2 fsdp {med['fsdp']:.2f} "
+              f"({med['1'] / med['fsdp']:.2f}x)")
+    slug = "_".join(cpu.lower().replace("(r)", "").split()[:3])
+    out = Path(__file__).parent / "results" / f"processes_{slug}.json"
+    out.write_text(json.dumps({"machine": cpu, "cores": os.cpu_count(), "runs": results},
+                              indent=2))
 
 
 if __name__ == "__main__":

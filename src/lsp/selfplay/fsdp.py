@@ -17,7 +17,7 @@ gathered, global normalisers, rank 0 writes); what sharding changes:
   number of ranks with `fsdp`.
 
 Frozen models (reference, reward, judge) are not sharded: each rank holds its own copy (README,
-"Several GPUs", memory per GPU).
+"Several processes", memory per GPU).
 """
 
 from __future__ import annotations

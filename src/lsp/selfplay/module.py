@@ -24,6 +24,8 @@ hooks' `on_rewards_computed` and metrics are computed identically on every rank;
 back-propagates its own rows under the global normalisers and the gradients are summed once.
 `on_challenger_rollout_end` / `on_solver_rollout_end` see the rank's own batch. On one process
 the global batch is the rank's batch (the same object) and nothing is communicated.
+Sharded (`trainer.strategy=fsdp`, `lsp.selfplay.fsdp`): the same, with the rollout decoded on
+gathered weights, equal forward/backward counts on every rank, and FSDP's own reduce-scatter.
 
 Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
 prompt once in the reference and training passes (`lsp.selfplay.logprobs`); the finite-gradient check is
