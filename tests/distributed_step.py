@@ -1,7 +1,8 @@
 """One self-play step on injected rollouts, on 1 process or under torchrun (2 processes, gloo).
 
 Run by tests/test_distributed.py: `python -m torch.distributed.run --standalone
---nproc-per-node W tests/distributed_step.py SCENARIO OUT [ddp|fsdp]` (W > 1: that strategy). Every rank plays its share of the
+--nproc-per-node W tests/distributed_step.py SCENARIO OUT [ddp|fsdp] [MICRO_BATCH]` (W > 1: that
+strategy; MICRO_BATCH > 1 puts rows that share a prompt in one micro-batch: share_prefix). Every rank plays its share of the
 scenario's global queries in rank order (rank r: queries [r N/W, (r+1) N/W)), each answered by
 fixed texts and scored by a deterministic program reward, so the 1-process and W-process runs
 see the same global batch. Rank 0 saves the parameter update and the step's metrics to OUT.
@@ -90,7 +91,7 @@ class CharReward:
         return RewardOutput(torch.tensor(values), torch.zeros(len(values), dtype=torch.bool))
 
 
-def main(scenario: str, out: str, strategy: str = "ddp") -> None:
+def main(scenario: str, out: str, strategy: str = "ddp", micro_batch: str = "1") -> None:
     torch.manual_seed(0)
     path = str(ensure_tiny("causal", Path(tempfile.gettempdir()) / "lsp-dist-test-models"))
     tok = load_tokenizer(path)
@@ -106,7 +107,7 @@ def main(scenario: str, out: str, strategy: str = "ddp") -> None:
     mine = SCENARIOS[scenario][trainer.global_rank * n:(trainer.global_rank + 1) * n]
     settings = SelfPlaySettings(num_queries=n, group_size=G, challenger_prompt="Ask me something.",
                                 challenger=SamplingConfig(max_new_tokens=32),
-                                solver=SamplingConfig(max_new_tokens=32), micro_batch_size=1,
+                                solver=SamplingConfig(max_new_tokens=32), micro_batch_size=int(micro_batch),
                                 grad_clip=None, reject_truncated=False)
     engine = Replay(tok, mine)
     module = SelfPlayModule(policy, reference, tok, CharReward(), CharReward(vowels=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,24 +26,35 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
 
 
 def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True,
-                         text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    """Run to completion; a hang (ranks waiting in mismatched collectives) fails after
+    `timeout` with the whole process group killed, workers included."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 # ---- the update equals the 1-process update --------------------------------------------------
-@pytest.mark.parametrize(("scenario", "strategy"), [
-    ("one_rank_invalid", "ddp"), ("mixed", "ddp"), ("one_rank_invalid", "fsdp"), ("mixed", "fsdp")])
-def test_two_process_step_equals_one_process_step(tmp_path, scenario, strategy):
+@pytest.mark.parametrize(("scenario", "strategy", "micro_batch"), [
+    ("one_rank_invalid", "ddp", "1"), ("mixed", "ddp", "1"), ("one_rank_invalid", "fsdp", "1"),
+    ("mixed", "fsdp", "1"), ("one_rank_invalid", "fsdp", "2"), ("mixed", "fsdp", "2")])
+def test_two_process_step_equals_one_process_step(tmp_path, scenario, strategy, micro_batch):
     """Same global rollouts (injected), 1 vs 2 gloo processes: the same parameter update to 1e-5
     relative, and the same logged metrics. `one_rank_invalid`: rank 1's two queries are both
     degenerate, so it has no Solver rows and makes fewer backward calls than rank 0 (under fsdp it
-    runs dummy passes instead, or the ranks would hang in mismatched collectives)."""
+    runs dummy passes instead, or the ranks would hang in mismatched collectives). Micro-batch 2:
+    a query's two answers share a micro-batch, where share_prefix would make two forwards (one
+    on a rank whose rows share no prompt): fsdp must make one per micro-batch on every rank."""
     script = str(REPO / "tests" / "distributed_step.py")
-    run([script, scenario, str(tmp_path / "one.pt")], tmp_path)
+    run([script, scenario, str(tmp_path / "one.pt"), "ddp", micro_batch], tmp_path)
     run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
-         scenario, str(tmp_path / "two.pt"), strategy], tmp_path, timeout=300)
+         scenario, str(tmp_path / "two.pt"), strategy, micro_batch], tmp_path, timeout=150)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     norm = sum((v**2).sum() for v in one.values()).sqrt()
     diff = sum(((one[k] - two[k]) ** 2).sum() for k in one).sqrt()

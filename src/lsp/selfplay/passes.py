@@ -65,8 +65,12 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
     local = 0 if rollout is None else rollout.sequences.shape[0]
     mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
     batches = micro_batches(local, s.micro_batch_size)
-    # sharded (fsdp): every rank makes the busiest rank's count of forward/backward passes
-    dummies = fsdp.micro_steps(len(batches)) - len(batches) if fsdp.is_sharded(policy) else 0
+    # Sharded (fsdp): every forward and backward is a collective, so every rank makes the
+    # busiest rank's count of passes, and one forward per micro-batch: share_prefix makes one
+    # or two depending on the rows (same maths either way, lsp.selfplay.logprobs).
+    sharded = fsdp.is_sharded(policy)
+    dummies = fsdp.micro_steps(len(batches)) - len(batches) if sharded else 0
+    share_prefix = s.share_prefix and not sharded
     for _ in range(dummies):
         with autocast(device, s.amp_dtype):
             zero = fsdp.dummy_loss(policy, device)
@@ -75,7 +79,7 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
         with autocast(device, s.amp_dtype):
             logp = completion_logprobs(
                 policy, rollout.sequences[mb], rollout.attention_mask[mb],
-                rollout.prompt_len, role.temperature, share_prefix=s.share_prefix,
+                rollout.prompt_len, role.temperature, share_prefix=share_prefix,
             ).float()  # (b, C)
         loss, stats = losses.policy_loss(
             logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
