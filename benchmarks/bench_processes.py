@@ -55,10 +55,18 @@ def run(experiment: str, layout: str, root: Path) -> dict:
                          capture_output=True, text=True)
     wall = time.perf_counter() - start
     peak_gb = int(out.stdout.strip().splitlines()[-1]) / 2**20  # ru_maxrss: KiB on Linux
-    steps_s = [r["perf/step_s"] for r in read_history(run_dir / "history.csv")][1:]
-    return {"experiment": experiment, "layout": layout, "devices": devices,
-            "median_step_s": statistics.median(steps_s), "steps_s": steps_s, "wall_s": wall,
-            "peak_rss_gb_largest_process": peak_gb}
+    return {"experiment": experiment, "layout": layout, "devices": devices, "wall_s": wall,
+            "peak_rss_gb_largest_process": peak_gb, **step_figures(run_dir)}
+
+
+def step_figures(run_dir: Path) -> dict:
+    """Steps after the first: median s/step, and generated tokens per second over them (a step's
+    work varies with the rollouts' lengths, and the layouts sample different rollouts)."""
+    rows = read_history(run_dir / "history.csv")[1:]
+    steps_s = [r["perf/step_s"] for r in rows]
+    tokens = sum(r["perf/generated_tokens"] for r in rows)
+    return {"median_step_s": statistics.median(steps_s), "steps_s": steps_s,
+            "tokens_per_s": tokens / sum(steps_s)}
 
 
 def main(experiments: list[str]) -> None:
@@ -68,18 +76,22 @@ def main(experiments: list[str]) -> None:
         for layout in [*LAYOUTS, *LAYOUTS]:  # alternating: drift on the machine hits all
             results.append(run(experiment, layout, root))
             r = results[-1]
-            print(f"{experiment:15s} {layout:4s}: median {r['median_step_s']:.2f} s/step, peak RSS "
+            print(f"{experiment:15s} {layout:4s}: median {r['median_step_s']:.2f} s/step, "
+                  f"{r['tokens_per_s']:.0f} generated tok/s, peak RSS "
                   f"{r['peak_rss_gb_largest_process']:.2f} GB (steps "
                   f"{', '.join(f'{s:.2f}' for s in r['steps_s'])})", flush=True)
     cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} cores")
     for experiment in experiments:
-        med = {layout: statistics.median(r["median_step_s"] for r in results
-                                         if r["experiment"] == experiment and r["layout"] == layout)
+        mine = [r for r in results if r["experiment"] == experiment]
+        med = {layout: statistics.median(r["median_step_s"] for r in mine if r["layout"] == layout)
                for layout in LAYOUTS}
-        print(f"{experiment}: 1 process {med['1']:.2f} s/step, 2 ddp {med['ddp']:.2f} "
-              f"({med['1'] / med['ddp']:.2f}x), 2 fsdp {med['fsdp']:.2f} "
-              f"({med['1'] / med['fsdp']:.2f}x)")
+        tok = {layout: statistics.median(r["tokens_per_s"] for r in mine if r["layout"] == layout)
+               for layout in LAYOUTS}
+        print(f"{experiment}: s/step 1 process {med['1']:.2f}, 2 ddp {med['ddp']:.2f}, 2 fsdp "
+              f"{med['fsdp']:.2f}; generated tok/s 1 process {tok['1']:.0f}, 2 ddp "
+              f"{tok['ddp']:.0f} ({tok['ddp'] / tok['1']:.2f}x), 2 fsdp {tok['fsdp']:.0f} "
+              f"({tok['fsdp'] / tok['1']:.2f}x)")
     slug = "_".join(cpu.lower().replace("(r)", "").split()[:3])
     out = Path(__file__).parent / "results" / f"processes_{slug}.json"
     out.write_text(json.dumps({"machine": cpu, "cores": os.cpu_count(), "runs": results},
