@@ -5,7 +5,9 @@ Everything `lsp.selfplay.distributed` says for `ddp` holds (own rollouts per ran
 gathered, global normalisers, rank 0 writes); what sharding changes:
 - every forward of a sharded module all-gathers its weights, and every backward reduce-scatters
   its gradients, so all ranks must make the same forward/backward calls: a rank with fewer
-  micro-batches than the busiest rank runs zero-weighted dummy passes (`micro_steps`, `dummy_loss`);
+  micro-batches than the busiest rank runs zero-weighted dummy passes (`micro_steps`, `dummy_loss`),
+  and each micro-batch makes one forward (`share_prefix`, which makes one or two depending on the
+  rows, is off for the sharded policy's pass: lsp.selfplay.passes);
 - generation decodes a rank-dependent number of tokens, so it runs on full weights gathered once
   for the whole rollout (`full_weights`: no collective per token; the full policy is held for the
   duration, as in verl / OpenRLHF, which gather it for their engines);
