@@ -243,3 +243,15 @@ def test_the_constraint_environment_in_training(compose_cfg, workdir):
     # Each step draws new constraints (one seed per step from the torch RNG).
     first, second = (sp.solver_queries for sp in KeepBatches.batches)
     assert first != second
+
+
+def test_the_checkpoint_callback_runs_after_the_step_records(compose_cfg, tmp_path):
+    # A resume continues after the last checkpoint: the step's history row and samples must be
+    # on disk before it, or a kill between the two loses them (the random-SIGKILL test).
+    from lsp.selfplay.callbacks import HFCheckpoint, MetricsHistory, SampleTable
+    from lsp.train import build_callbacks
+
+    callbacks = build_callbacks(compose_cfg("experiment=smoke"), tmp_path)
+    kinds = [type(c) for c in callbacks]
+    assert kinds[-1] is HFCheckpoint
+    assert MetricsHistory in kinds and SampleTable in kinds
