@@ -239,9 +239,10 @@ class _Reserving:
 
 
 class TorchEngine:
-    pushes_weights = False  # decodes on the model object: always current
     """`lsp` / `hf` decoding on the model object (`lsp.engines.own.generate`, which refuses
     `engine: lsp` on a model the loop cannot decode; `EnginePool.get` refuses it when built)."""
+
+    pushes_weights = False  # decodes on the model object: always current
 
     def __init__(self, model, tokenizer, amp_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.amp_dtype = model, tokenizer, amp_dtype

@@ -72,6 +72,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: int) -> int:
+    """The largest of the ranks' `value` (one collective; `value` itself on one process)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def sync_gradients(params: list[Tensor], bucket_numel: int = 1 << 24) -> None:
     """Sum each parameter's gradient over the ranks, in place: one all-reduce per bucket of at
     most `bucket_numel` elements (64 MB of fp32). A parameter without a gradient on this rank

@@ -28,10 +28,9 @@ import contextlib
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lsp.selfplay.distributed import SelfPlayDDP, all_reduce_sum
+from lsp.selfplay.distributed import SelfPlayDDP, all_reduce_max, all_reduce_sum
 
 
 def _fsdp():
@@ -87,11 +86,7 @@ def full_weights(model: nn.Module):
 
 def micro_steps(local: int) -> int:
     """The number of micro-batches every rank must run: the busiest rank's (one collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    t = torch.tensor([local], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return all_reduce_max(local)
 
 
 def dummy_loss(policy: nn.Module, device) -> Tensor:
@@ -108,7 +103,8 @@ def local(t: Tensor) -> Tensor:
 
 def grad_norm(params: list[Tensor]) -> Tensor:
     """The global L2 norm of the gradients: each rank's shards' squares, summed over the ranks."""
-    squares = sum(float(local(p.grad).double().pow(2).sum()) for p in params)
+    # one device-to-host copy for all parameters (not one sync per parameter)
+    squares = float(torch.stack([local(p.grad).double().pow(2).sum() for p in params]).sum())
     total = all_reduce_sum([squares])[0]
     return torch.tensor(math.sqrt(total) if math.isfinite(total) else float("nan"))
 

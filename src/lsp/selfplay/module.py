@@ -35,6 +35,7 @@ activations to the OS between steps (CPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -157,7 +158,11 @@ class SelfPlayModule(L.LightningModule):
     def play(self, timer: PhaseTimer) -> tuple[SelfPlayBatch, SelfPlayBatch]:
         """(this rank's batch, the global batch of every rank, identical on all ranks)."""
         self.policy.eval()  # no dropout while sampling
-        with fsdp.full_weights(self.policy):  # sharded (fsdp): decode on gathered weights
+        # sharded (fsdp): an engine decoding on the policy needs its full weights gathered
+        # (engines with their own copy, vLLM, were pushed full weights after the last step)
+        on_policy = any(not e.pushes_weights for e in self.engines.values())
+        gathered = fsdp.full_weights(self.policy) if on_policy else contextlib.nullcontext()
+        with gathered:
             sp = self.challenge(timer) if self.settings.prompt_queries is None else self.from_prompts()
             if sp.check.valid.any():
                 self.solve(sp, timer)
