@@ -13,6 +13,8 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subproce
   with both roles on the `vllm` / own (`lsp`) engine, to compare engines side by side.
 - `lsp-iomp` / `lsp-tcmalloc` / `lsp-tcmalloc-iomp`: `lsp` with Intel OpenMP (the intel-openmp
   wheel's libiomp5) and / or tcmalloc (the OS package) in LD_PRELOAD, as vLLM's CPU docs advise.
+- `lsp-plain-head`: `lsp` with `model.fused_lm_head=false`: the model's own LM head over full
+  logits, then the log-softmax (the path before issue 10's fused head, lsp.selfplay.lm_head).
 - `lsp-heap`: `lsp` with glibc's mmap disabled (`GLIBC_TUNABLES=glibc.malloc.mmap_max=0`): blocks
   over 32 MiB (the logits, the large activations) then come from the heap, which `lsp` already
   keeps (`retain_freed_memory`), instead of being mapped and page-faulted in on every allocation.
@@ -113,6 +115,8 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "lsp-tcmalloc": ("lsp", []),
     "lsp-tcmalloc-iomp": ("lsp", []),
     "lsp-heap": ("lsp", []),
+    # `lsp` with the LM head as transformers runs it (full logits), not lsp.selfplay.lm_head
+    "lsp-plain-head": ("lsp", ["model.fused_lm_head=false"]),
 }
 PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
 ENV = {"lsp-heap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}}  # system -> extra environment

@@ -89,7 +89,7 @@ def settings_from(cfg: DictConfig, device: str, world_size: int = 1) -> SelfPlay
         micro_batch_size=cfg.trainer.micro_batch_size, grad_clip=cfg.trainer.grad_clip,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps,
         amp_dtype=amp_dtype(cfg.model.amp, device),
-        share_prefix=cfg.model.share_prefix,
+        share_prefix=cfg.model.share_prefix, fused_lm_head=cfg.model.fused_lm_head,
         prompt_queries=load_prompt_file(r.prompt_file) if r.prompt_file else None,
     )
 

@@ -48,6 +48,7 @@ class ModelSection(Section):
     gradient_checkpointing: bool
     attn_implementation: choice("auto", "grouped", "sdpa", "eager")
     share_prefix: bool
+    fused_lm_head: bool = True
     chat_date: Annotated[str, rule(lambda v: bool(v.strip()), "the date chat templates see: a "
                                    "non-empty string such as '26 Jul 2024'")]
 

@@ -19,6 +19,8 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from lsp.selfplay import lm_head
+
 
 def token_logprobs(
     logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_size: int = 4
@@ -70,12 +72,15 @@ def completion_logprobs(
     prompt_len: int,
     temperature: float = 1.0,
     share_prefix: bool = True,
+    fused_head: bool = True,
 ) -> Tensor:
     # sequences, attention_mask (B, P + C) -> (B, C) log-probs of the completion tokens.
     # Columns that are padding in every row are never computed (their log-probs are 0; masked).
     # share_prefix: consecutive rows with the same prompt (the G answers of one query, the N
     # Challenger samples of one prompt) run that prompt through the model once; its KV cache is
     # repeated for the completions. Same maths as running every row in full (tests check it).
+    # fused_head: the LM head and log-softmax run slice by slice over the vocabulary on the real
+    # completion tokens only (lsp.selfplay.lm_head), where the model's head allows it.
     completion_len = sequences.shape[1] - prompt_len
     lo, hi = _real_columns(attention_mask, prompt_len)
     # Left padding shifts the real tokens right, so positions must count real tokens only;
@@ -84,7 +89,10 @@ def completion_logprobs(
     ids, mask, pos = (x[:, lo:hi] for x in (sequences, attention_mask, position_ids))
     p = prompt_len - lo
     groups = prompt_groups(ids, mask, p) if share_prefix and _can_share_prefix(model) else None
-    if groups is None:
+    parts = lm_head.head_parts(model) if fused_head else None
+    if parts is not None:
+        out = _fused_logprobs(*parts, ids, mask, pos, p, groups, temperature)
+    elif groups is None:
         out = _full_logprobs(model, ids, mask, pos, p, temperature)
     else:
         out = _shared_prefix_logprobs(model, ids, mask, pos, p, groups, temperature)
@@ -147,6 +155,32 @@ def _shared_prefix_logprobs(model, ids, mask, pos, prompt_len, groups, temperatu
     return torch.cat(out, dim=1)
 
 
+def _fused_logprobs(decoder, weight, ids, mask, pos, prompt_len, groups, temperature) -> Tensor:
+    # The decoder's last hidden states (B, C, H) at positions P-1 .. P+C-2 (each predicts the
+    # next token), with the prompt run once per distinct prompt when groups is given (as
+    # _shared_prefix_logprobs); then the fused head on the real completion tokens only.
+    p, targets = prompt_len, ids[:, prompt_len:]  # (B, C)
+    if groups is None:
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                         use_cache=False).last_hidden_state[:, p - 1 : -1]
+    else:
+        first = torch.cat([groups.new_ones(1), groups[1:] != groups[:-1]]).nonzero()[:, 0]
+        name = _cache_name(type(decoder))
+        head = decoder(input_ids=ids[first, :p], attention_mask=mask[first, :p],
+                       position_ids=pos[first, :p], use_cache=True)
+        hidden = head.last_hidden_state[:, -1:][groups]  # (B, 1, H)
+        if targets.shape[1] > 1:
+            cache = getattr(head, name)
+            cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
+            tail = decoder(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1],
+                           position_ids=pos[:, p:-1], use_cache=True, **{name: cache})
+            hidden = torch.cat([hidden, tail.last_hidden_state], dim=1)  # (B, C, H)
+    real = mask[:, p:].bool()  # (B, C): pads after EOS get log-prob 0 (callers mask them)
+    logp = lm_head.linear_token_logprobs(hidden[real], weight, targets[real], temperature)
+    return torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(
+        real, logp)
+
+
 def _can_share_prefix(model: nn.Module) -> bool:
     # Gradient checkpointing turns the KV cache off in training; the path needs the
     # transformers (>= 5) causal-LM interface: logits_to_keep and a KV-cache argument.
@@ -163,6 +197,12 @@ def cache_argument(model: nn.Module) -> str | None:
     if "logits_to_keep" not in params:
         return None
     return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
+@functools.cache
+def _cache_name(decoder_class: type) -> str:
+    params = _forward_parameters(decoder_class)
+    return next((n for n in ("cache", "past_key_values") if n in params), "past_key_values")
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

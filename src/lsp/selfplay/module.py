@@ -28,7 +28,8 @@ Sharded (`trainer.strategy=fsdp`, `lsp.selfplay.fsdp`): the same, with the rollo
 gathered weights, equal forward/backward counts on every rank, and FSDP's own reduce-scatter.
 
 Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
-prompt once in the reference and training passes (`lsp.selfplay.logprobs`); the finite-gradient check is
+prompt once in the reference and training passes (`lsp.selfplay.logprobs`); `fused_lm_head` computes the
+target log-probs one vocabulary slice at a time, on real tokens only (`lsp.selfplay.lm_head`); the finite-gradient check is
 the gradient norm (one pass); `retain_freed_memory` keeps glibc from returning the step's
 activations to the OS between steps (CPU).
 """
@@ -90,6 +91,7 @@ class SelfPlaySettings:
     amp_dtype: torch.dtype | None = None
     prompt_queries: list[str] | None = None  # set: GRPO on these prompts, no Challenger
     share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.selfplay.logprobs), same maths
+    fused_lm_head: bool = True  # LM head + log-softmax per vocabulary slice (lsp.selfplay.lm_head)
     retain_freed_memory: bool = True  # CPU/glibc: reuse freed heap pages (retain_freed_memory)
 
 

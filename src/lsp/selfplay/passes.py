@@ -47,7 +47,8 @@ def reference_logprobs(ref: nn.Module, rollout: Rollout, temperature: float,
     with autocast(device, s.amp_dtype):
         parts = [
             completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
-                                rollout.prompt_len, temperature, share_prefix=s.share_prefix)
+                                rollout.prompt_len, temperature, share_prefix=s.share_prefix,
+                                fused_head=s.fused_lm_head)
             for mb in micro_batches(rollout.sequences.shape[0], s.micro_batch_size)
         ]
     return torch.cat(parts).float()  # (B, C)
@@ -71,6 +72,7 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
     sharded = fsdp.is_sharded(policy)
     dummies = fsdp.micro_steps(len(batches)) - len(batches) if sharded else 0
     share_prefix = s.share_prefix and not sharded
+    fused_head = s.fused_lm_head and not sharded  # the decoder alone would skip FSDP's root hooks
     for _ in range(dummies):
         with autocast(device, s.amp_dtype):
             zero = fsdp.dummy_loss(policy, device)
@@ -80,6 +82,7 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
             logp = completion_logprobs(
                 policy, rollout.sequences[mb], rollout.attention_mask[mb],
                 rollout.prompt_len, role.temperature, share_prefix=share_prefix,
+                fused_head=fused_head,
             ).float()  # (b, C)
         loss, stats = losses.policy_loss(
             logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
