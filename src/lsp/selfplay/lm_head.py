@@ -3,20 +3,21 @@ log-softmax, one vocabulary slice at a time (`model.fused_lm_head`, issue 10).
 
 The plain path (`lsp.selfplay.logprobs.token_logprobs`) runs the model's LM head over every
 position, keeps the (rows, V) logits for the backward and builds a (rows, V) gradient: with
-SmolLM2's 49,152-token vocabulary that is ~100 MB per role and micro-batch in bf16, plus float32
-copies of it chunk by chunk, all allocated afresh each step (glibc maps blocks over 32 MiB per
-allocation, so each is page-faulted in again). Here the logits of a vocabulary slice of at most
+SmolLM2's 49,152-token vocabulary and 16 x 63 completion positions that is ~100 MB in bf16 (by
+arithmetic) per role and micro-batch, plus float32 copies of it chunk by chunk, all allocated
+afresh each step. Here the logits of a vocabulary slice of at most
 `_SLICE_ELEMENTS` entries are computed, reduced and dropped:
 - forward: per slice, logits = h @ W_slice^T in the compute dtype (as autocast's linear would),
   upcast to float32, divided by the temperature; a running logsumexp and the target's logit;
-- backward: the slice's logits are recomputed (one extra matrix product, ~5% of a step), and
+- backward: the slice's logits are recomputed (one extra (rows, H) x (H, V) product), and
   d logit = (1[v = y] - softmax_v) * g / T gives dh (summed over slices in float32) and dW_slice.
 Only real completion tokens are passed in (`lsp.selfplay.logprobs` drops the padding), and only
 (rows, H) hidden states and (rows,) logsumexps are kept for the backward.
 
 Same maths as the plain path: the same bf16 logits (the same products of the same bf16
-operands), the same float32 log-softmax, the same gradient formula; they differ only in the order
-of float32 sums (tests/test_lm_head.py states the tolerances). Used for the causal LMs whose head is
+operands, up to the order in which the matrix library sums a narrower product), the same float32
+log-softmax, the same gradient formula; otherwise they differ only in the order of float32 sums
+(tests/test_lm_head.py states the tolerances; benchmarks/bench_lm_head.py measures the speed). Used for the causal LMs whose head is
 a plain bias-free linear layer on the last hidden state (`_PLAIN_HEAD_TYPES`); every other model,
 and a sharded policy (its root parameters are gathered by its own forward), takes the plain path.
 """
