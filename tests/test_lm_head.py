@@ -127,3 +127,15 @@ def test_head_parts_only_for_plain_linear_heads():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
     assert head_parts(gpt2) is None  # not an allow-listed model type: the plain path
+
+
+@pytest.mark.parametrize("spec", ["tiny:causal", "embedded:smollm2-135m-instruct"])
+def test_shipped_models_take_the_fused_path(spec):
+    # The allow-list is by model type: were a shipped model's type missing, every pass would
+    # silently take the plain path (correct, only slower) and no other test would notice.
+    from lsp.models import load_causal_lm, resolve_model
+
+    parts = head_parts(load_causal_lm(resolve_model(spec)))
+    assert parts is not None
+    decoder, weight = parts
+    assert weight.shape[0] == decoder.get_input_embeddings().weight.shape[0]  # (V, H)

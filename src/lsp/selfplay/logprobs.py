@@ -89,13 +89,20 @@ def completion_logprobs(
     ids, mask, pos = (x[:, lo:hi] for x in (sequences, attention_mask, position_ids))
     p = prompt_len - lo
     groups = prompt_groups(ids, mask, p) if share_prefix and _can_share_prefix(model) else None
+    targets = ids[:, p:]  # (B, C')
     parts = lm_head.head_parts(model) if fused_head else None
-    if parts is not None:
-        out = _fused_logprobs(*parts, ids, mask, pos, p, groups, temperature)
-    elif groups is None:
-        out = _full_logprobs(model, ids, mask, pos, p, temperature)
+    if parts is None:  # the model's own head: (b, c, V) logits per block of columns
+        run = _runner(model, "logits", cache_argument(model), _accepts_logits_to_keep(model))
+        blocks, col, out = _position_outputs(run, ids, mask, pos, p, groups), 0, []
+        for x in blocks:  # token_logprobs per block: the (B, C', V) logits are never concatenated
+            out.append(token_logprobs(x, targets[:, col : col + x.shape[1]], temperature))
+            col += x.shape[1]
+        out = torch.cat(out, dim=1)
     else:
-        out = _shared_prefix_logprobs(model, ids, mask, pos, p, groups, temperature)
+        decoder, weight = parts
+        run = _runner(decoder, "last_hidden_state", _cache_kwarg(type(decoder)), False)
+        hidden = torch.cat(_position_outputs(run, ids, mask, pos, p, groups), dim=1)  # (B, C', H)
+        out = _fused_head_logprobs(hidden, weight, targets, mask[:, p:].bool(), temperature)
     return nn.functional.pad(out, (0, completion_len - out.shape[1]))  # (B, C)
 
 
@@ -121,61 +128,47 @@ def prompt_groups(sequences: Tensor, attention_mask: Tensor, prompt_len: int) ->
     return new.long().cumsum(0) - 1
 
 
-def _full_logprobs(model, ids, mask, pos, prompt_len, temperature) -> Tensor:
-    completion_len = ids.shape[1] - prompt_len
-    kwargs = {}
-    if _accepts_logits_to_keep(model):
-        # Only positions P-1 .. P+C-1 are computed (the lm_head is most of the memory); the
-        # last one predicts past the end and is dropped below.
-        kwargs["logits_to_keep"] = completion_len + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   **kwargs).logits
-    # Logits at position t predict token t + 1: positions P-1 .. P+C-2 -> (B, C, V).
-    logits = logits[:, -(completion_len + 1) : -1]
-    return token_logprobs(logits, ids[:, prompt_len:], temperature)
+def _runner(module: nn.Module, output: str, cache_name: str | None, keep_arg: bool):
+    """run(ids, mask, pos, keep, use_cache, cache) -> (the `output` of `module` at the last `keep`
+    positions (all when None), its KV cache when use_cache). `module` is a causal LM (output
+    "logits"; keep_arg: it takes logits_to_keep, so only those positions reach its head) or its
+    decoder ("last_hidden_state")."""
+
+    def run(ids, mask, pos, keep=None, use_cache=False, cache=None):
+        kwargs = {} if cache is None else {cache_name: cache}
+        if keep is not None and keep_arg:
+            kwargs["logits_to_keep"] = keep
+        res = module(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache,
+                     **kwargs)
+        x = getattr(res, output)
+        return (x if keep is None else x[:, -keep:]), (getattr(res, cache_name) if use_cache else None)
+
+    return run
 
 
-def _shared_prefix_logprobs(model, ids, mask, pos, prompt_len, groups, temperature) -> Tensor:
-    # groups (B,): row -> distinct prompt. Prompt pass over the Q distinct prompts, then the
-    # completions (all but their last token, whose logits would predict past the end) attend
-    # to the prompt's KV cache repeated per row; autograd sums the rows' gradients into it.
-    p = prompt_len
-    first = torch.cat([groups.new_ones(1), groups[1:] != groups[:-1]]).nonzero()[:, 0]  # (Q,)
-    head = model(input_ids=ids[first, :p], attention_mask=mask[first, :p],
-                 position_ids=pos[first, :p], use_cache=True, logits_to_keep=1)
-    targets = ids[:, p:]  # (B, C)
-    out = [token_logprobs(head.logits[:, -1:][groups], targets[:, :1], temperature)]  # (B, 1)
-    if targets.shape[1] > 1:
-        name = cache_argument(model)
-        cache = getattr(head, name)
-        cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
-        tail = model(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1],
-                     position_ids=pos[:, p:-1], use_cache=True, **{name: cache}).logits
-        out.append(token_logprobs(tail, targets[:, 1:], temperature))  # (B, C - 1)
-    return torch.cat(out, dim=1)
-
-
-def _fused_logprobs(decoder, weight, ids, mask, pos, prompt_len, groups, temperature) -> Tensor:
-    # The decoder's last hidden states (B, C, H) at positions P-1 .. P+C-2 (each predicts the
-    # next token), with the prompt run once per distinct prompt when groups is given (as
-    # _shared_prefix_logprobs); then the fused head on the real completion tokens only.
-    p, targets = prompt_len, ids[:, prompt_len:]  # (B, C)
+def _position_outputs(run, ids, mask, pos, prompt_len, groups) -> list[Tensor]:
+    # The model's outputs at positions P-1 .. P+C-2 (the one at t predicts token t + 1), as
+    # blocks of columns in order: [(B, C, X)], or with groups (B,) (row -> distinct prompt)
+    # [(B, 1, X), (B, C - 1, X)]: a prompt pass over the Q distinct prompts, then the
+    # completions (all but their last token) attend to its KV cache repeated per row; autograd
+    # sums the rows' gradients into it.
+    p, c = prompt_len, ids.shape[1] - prompt_len
     if groups is None:
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         use_cache=False).last_hidden_state[:, p - 1 : -1]
-    else:
-        first = torch.cat([groups.new_ones(1), groups[1:] != groups[:-1]]).nonzero()[:, 0]
-        name = _cache_name(type(decoder))
-        head = decoder(input_ids=ids[first, :p], attention_mask=mask[first, :p],
-                       position_ids=pos[first, :p], use_cache=True)
-        hidden = head.last_hidden_state[:, -1:][groups]  # (B, 1, H)
-        if targets.shape[1] > 1:
-            cache = getattr(head, name)
-            cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
-            tail = decoder(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1],
-                           position_ids=pos[:, p:-1], use_cache=True, **{name: cache})
-            hidden = torch.cat([hidden, tail.last_hidden_state], dim=1)  # (B, C, H)
-    real = mask[:, p:].bool()  # (B, C): pads after EOS get log-prob 0 (callers mask them)
+        out, _ = run(ids, mask, pos, keep=c + 1)  # the last position predicts past the end
+        return [out[:, :-1]]
+    first = torch.cat([groups.new_ones(1), groups[1:] != groups[:-1]]).nonzero()[:, 0]  # (Q,)
+    head, cache = run(ids[first, :p], mask[first, :p], pos[first, :p], keep=1, use_cache=True)
+    blocks = [head[groups]]  # (B, 1, X)
+    if c > 1:
+        cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
+        tail, _ = run(ids[:, p:-1], mask[:, :-1], pos[:, p:-1], use_cache=True, cache=cache)
+        blocks.append(tail)  # (B, C - 1, X)
+    return blocks
+
+
+def _fused_head_logprobs(hidden, weight, targets, real, temperature) -> Tensor:
+    # hidden (B, C, H), targets / real (B, C) -> (B, C): the fused head on the real completion
+    # tokens only; pads after EOS get log-prob 0 (callers mask them).
     logp = lm_head.linear_token_logprobs(hidden[real], weight, targets[real], temperature)
     return torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device).masked_scatter(
         real, logp)
@@ -193,16 +186,14 @@ def cache_argument(model: nn.Module) -> str | None:
     """The KV-cache argument (and output attribute) of a transformers (>= 5) causal LM that also
     takes `logits_to_keep`: `past_key_values` (up to 5.2x) or `cache` (later 5.x, where it was
     renamed); None for other models."""
-    params = _forward_parameters(type(model))
-    if "logits_to_keep" not in params:
+    if "logits_to_keep" not in _forward_parameters(type(model)):
         return None
+    return _cache_kwarg(type(model))
+
+
+def _cache_kwarg(module_class: type) -> str | None:
+    params = _forward_parameters(module_class)
     return next((n for n in ("cache", "past_key_values") if n in params), None)
-
-
-@functools.cache
-def _cache_name(decoder_class: type) -> str:
-    params = _forward_parameters(decoder_class)
-    return next((n for n in ("cache", "past_key_values") if n in params), "past_key_values")
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
