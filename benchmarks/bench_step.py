@@ -9,16 +9,20 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subproce
   "'Parameter' object has no attribute 'weight_loader'"), so this benchmark routes TRL's
   `sync_weights` through the worker's `reload_weights` with the full state dict (the path
   `lsp.engines` uses): TRL's best CPU configuration, not TRL as shipped;
+- `trl-vllm-fp32`: `trl-vllm` with `bf16=False` (vLLM at its own "auto" dtype): on a CPU
+  without native bf16 (no AVX512-BF16 or AMX, e.g. an AVX2-only AMD EPYC) autocast bf16 is
+  emulated and TRL bf16 is several times slower than fp32, so this is TRL's fastest
+  configuration there;
 - `lsp`: the experiment's defaults (`experiment=cpu_smollm`); `lsp-vllm` / `lsp-own`: the same
   with both roles on the `vllm` / own (`lsp`) engine, to compare engines side by side.
 - `lsp-iomp` / `lsp-tcmalloc` / `lsp-tcmalloc-iomp`: `lsp` with Intel OpenMP (the intel-openmp
   wheel's libiomp5) and / or tcmalloc (the OS package) in LD_PRELOAD, as vLLM's CPU docs advise.
 - `lsp-plain-head`: `lsp` with `model.fused_lm_head=false`: the model's own LM head over full
   logits, then the log-softmax (the path before issue 10's fused head, lsp.selfplay.lm_head).
-- `lsp-heap`: `lsp` with glibc's mmap disabled (`GLIBC_TUNABLES=glibc.malloc.mmap_max=0`): blocks
-  over 32 MiB (the logits, the large activations) then come from the heap, which `lsp` already
-  keeps (`retain_freed_memory`), instead of being mapped and page-faulted in on every allocation.
-  No OS package needed: glibc's own setting.
+- `lsp-keep` / `lsp-system`: `lsp` with `trainer.cpu_allocator=keep` (freed heap memory kept,
+  but blocks over 32 MiB mapped and page-faulted in on every allocation: the default before
+  issue 10's heap setting) / `=system` (glibc's defaults); `lsp` itself serves every block from
+  the kept heap (`heap`, lsp.selfplay.runtime.configure_cpu_allocator).
 
 Both systems: the embedded SmolLM2-135M-Instruct, 4 prompts x 4 answers, at most 64 new tokens,
 temperature 1, beta 0.05 (a frozen reference model in memory), lr 3e-6, one optimiser step per
@@ -105,6 +109,8 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "trl": ("trl", {"bf16": False}),
     "trl-bf16": ("trl", {"bf16": True}),
     "trl-vllm": ("trl", {"bf16": True, "vllm": True}),
+    # TRL + vLLM in float32: its fastest configuration on a CPU without native bf16 (AVX2 only)
+    "trl-vllm-fp32": ("trl", {"bf16": False, "vllm": True}),
     "lsp": ("lsp", []),
     "lsp-vllm": ("lsp", VLLM_ROLES),
     "lsp-own": ("lsp", OWN_ROLES),
@@ -114,12 +120,12 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "lsp-iomp": ("lsp", []),
     "lsp-tcmalloc": ("lsp", []),
     "lsp-tcmalloc-iomp": ("lsp", []),
-    "lsp-heap": ("lsp", []),
+    "lsp-keep": ("lsp", ["trainer.cpu_allocator=keep"]),
+    "lsp-system": ("lsp", ["trainer.cpu_allocator=system"]),
     # `lsp` with the LM head as transformers runs it (full logits), not lsp.selfplay.lm_head
     "lsp-plain-head": ("lsp", ["model.fused_lm_head=false"]),
 }
 PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
-ENV = {"lsp-heap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}}  # system -> extra environment
 
 
 def preload_path(lib: str) -> str:
@@ -308,7 +314,6 @@ def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if system in PRELOAD:
         env["LD_PRELOAD"] = ":".join(preload_path(lib) for lib in PRELOAD[system])
-    env |= ENV.get(system, {})
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if proc.returncode != 0:
@@ -368,8 +373,8 @@ def report(summary: dict, mach: dict, loads: tuple, args) -> str:
             rss = s["peak_rss_mb"] / t["peak_rss_mb"]
             lines.append(f"{mine}/{peer} solver samples/s ratio: {ratio:.2f} "
                          f"(peak RSS {mine}/{peer}: {rss:.2f})")
-    levers = (n for n in names if (n in PRELOAD or n in ENV) and "lsp" in names)
-    for name in levers:  # the process-level levers against plain lsp
+    levers = (n for n in ours if n != "lsp" and "lsp" in names)
+    for name in levers:  # each lsp variant against lsp as shipped
         lines.append(f"{name}/lsp solver samples/s ratio: "
                      f"{summary[name]['solver_samples_per_s'] / summary['lsp']['solver_samples_per_s']:.2f}")
     return "\n".join(lines)

@@ -185,6 +185,8 @@ class TrainerSection(Section):
     # Lightning's *-mixed plugins would autocast only part of the step
     precision: choice("32-true", "32", "bf16-true", "16-true")
     log_every_n_steps: PosInt
+    # CPU runs: glibc malloc settings (lsp.selfplay.runtime.configure_cpu_allocator)
+    cpu_allocator: choice("heap", "keep", "system") = "heap"
 
 
 class TrainConfig(Section):

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 # transformers model types whose `ForCausalLM.forward` computes `lm_head(hidden_states)` and
 # nothing more (no logit scaling or soft-capping): there `decoder + fused head` = `model(...)`.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# float32 elements of one vocabulary slice's logits (16 MiB, for up to 4,096 rows): below the
-# 32 MiB mmap threshold that lsp.selfplay.runtime.retain_freed_memory sets, so on glibc the
-# slices come from the kept heap instead of fresh mappings (the intent; not profiled alone).
+# float32 elements of one vocabulary slice's logits (16 MiB, for up to 4,096 rows): bounded
+# memory whatever the vocabulary; on CPU the slices come from the kept heap
+# (lsp.selfplay.runtime.configure_cpu_allocator) instead of fresh mappings.
 _SLICE_ELEMENTS = 1 << 22
 _MIN_SLICE = 1024
 

@@ -30,8 +30,9 @@ gathered weights, equal forward/backward counts on every rank, and FSDP's own re
 Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
 prompt once in the reference and training passes (`lsp.selfplay.logprobs`); `fused_lm_head` computes the
 target log-probs one vocabulary slice at a time, on real tokens only (`lsp.selfplay.lm_head`); the finite-gradient check is
-the gradient norm (one pass); `retain_freed_memory` keeps glibc from returning the step's
-activations to the OS between steps (CPU).
+the gradient norm (one pass); `cpu_allocator` ("heap") serves every block from glibc's heap
+and keeps freed memory, so the step's activations are not page-faulted in again every step (CPU;
+`lsp.selfplay.runtime.configure_cpu_allocator`).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ from lsp.selfplay.prompts import check_queries
 from lsp.selfplay.records import QueryCheck, SelfPlayBatch
 from lsp.selfplay.runtime import (
     PhaseTimer,
+    configure_cpu_allocator,
     rank_rng_state,
-    retain_freed_memory,
     rng_state,
     set_rng_state,
 )
@@ -92,7 +93,7 @@ class SelfPlaySettings:
     prompt_queries: list[str] | None = None  # set: GRPO on these prompts, no Challenger
     share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.selfplay.logprobs), same maths
     fused_lm_head: bool = True  # LM head + log-softmax per vocabulary slice (lsp.selfplay.lm_head)
-    retain_freed_memory: bool = True  # CPU/glibc: reuse freed heap pages (retain_freed_memory)
+    cpu_allocator: str = "heap"  # CPU/glibc malloc: heap | keep | system (configure_cpu_allocator)
 
 
 class SelfPlayModule(L.LightningModule):
@@ -130,8 +131,8 @@ class SelfPlayModule(L.LightningModule):
             self.engine_pool.start()
 
     def on_fit_start(self) -> None:
-        if self.settings.retain_freed_memory and self.device.type == "cpu":
-            retain_freed_memory()
+        if self.device.type == "cpu":
+            configure_cpu_allocator(self.settings.cpu_allocator)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -31,22 +31,37 @@ class PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def retain_freed_memory() -> bool:
-    """glibc: keep freed heap memory for reuse instead of returning it to the OS at once.
+CPU_ALLOCATOR_MODES = ("heap", "keep", "system")
 
-    Without it, each step's forward/backward page-faults about 1 GB back in (its activations were
-    unmapped or trimmed after the last step): about 1 s per step on a 2-core CPU, 10% of a
-    SmolLM2 step. Peak RSS is unchanged (the same memory is reused); RSS no longer shrinks after
-    the peak. Blocks over 32 MiB (glibc's largest threshold) are still mapped per allocation."""
-    if sys.platform != "linux":
+
+def configure_cpu_allocator(mode: str = "heap") -> bool:
+    """glibc's malloc settings for a CPU run (`trainer.cpu_allocator`):
+    - "heap" (default): every block from the heap (`M_MMAP_MAX` = 0, what
+      `GLIBC_TUNABLES=glibc.malloc.mmap_max=0` sets), and freed heap memory kept for reuse;
+    - "keep": freed memory kept, but blocks over 32 MiB still mapped per allocation;
+    - "system": glibc's defaults (blocks over an adaptive 128 KiB-32 MiB threshold mapped and
+      unmapped per allocation, freed heap memory returned to the OS).
+
+    Why: with the defaults each step's forward/backward page-faults about 1 GB back in (its
+    activations were unmapped or trimmed after the last step). Measured with `make bench`
+    (BENCHMARKS.md), on 2-core CPUs: "keep" saved about 1 s of a 10 s SmolLM2 step; "heap" on top
+    of "keep" 1.05-1.11x the step on an Intel Xeon with AMX and 1.20x on an AVX2-only AMD EPYC,
+    peak RSS within 2%. RSS no longer shrinks after the peak. When the heap cannot grow (brk
+    fails), glibc still falls back to mmap. Returns whether the settings were taken (False off
+    Linux / glibc, and for "system", which changes nothing)."""
+    if mode not in CPU_ALLOCATOR_MODES:
+        raise ValueError(f"cpu_allocator: {mode!r} is not one of {CPU_ALLOCATOR_MODES}")
+    if mode == "system" or sys.platform != "linux":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (e.g. musl)
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
-        libc.mallopt(m_trim_threshold, 2**31 - 1))
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # malloc.h
+    settings = [(m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1)]
+    if mode == "heap":
+        settings.append((m_mmap_max, 0))
+    return all(bool(libc.mallopt(param, value)) for param, value in settings)
 
 
 def rng_state() -> dict:
