@@ -45,7 +45,7 @@ def configure_cpu_allocator(mode: str = "heap") -> bool:
     Why: with the defaults each step's forward/backward page-faults about 1 GB back in (its
     activations were unmapped or trimmed after the last step). Measured with `make bench`
     (BENCHMARKS.md), on 2-core CPUs: "keep" saved about 1 s of a 10 s SmolLM2 step; "heap" on top
-    of "keep" 1.05-1.11x the step on an Intel Xeon with AMX and 1.20x on an AVX2-only AMD EPYC,
+    of "keep" 1.05-1.11x the step on an Intel Xeon with AMX and 1.07-1.20x on an AVX2-only AMD EPYC,
     peak RSS within 2%. RSS no longer shrinks after the peak. When the heap cannot grow (brk
     fails), glibc still falls back to mmap. Returns whether the settings were taken (False off
     Linux / glibc, and for "system", which changes nothing)."""
