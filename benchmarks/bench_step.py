@@ -217,8 +217,20 @@ def _lsp_recorder_class():  # lightning is imported in the lsp worker only
 
 
 def patch_trl_vllm_sync() -> None:
-    """TRL's colocate sync through vLLM's in-place `reload_weights` (module doc)."""
+    """TRL's colocate sync through vLLM's in-place `reload_weights` (module doc), and its engine
+    built with lsp's KV cache (`rollout.vllm.kv_cache_gb`): TRL passes no size, which leaves
+    vLLM's CPU sizing (`vllm_gpu_memory_utilization` of the machine's memory less the process's
+    RSS) or VLLM_CPU_KVCACHE_SPACE (whole GiB). The cache is resident (zero-filled), so peak RSS
+    compares at equal cache."""
+    from functools import partial
+
+    from trl.generation import vllm_generation
     from trl.generation.vllm_generation import VLLMGeneration
+
+    from lsp.engines import VLLMSettings
+
+    kv_bytes = int(VLLMSettings().kv_cache_gb * 2**30)
+    vllm_generation.LLM = partial(vllm_generation.LLM, kv_cache_memory_bytes=kv_bytes)
 
     def sync_weights(self):
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
@@ -245,7 +257,6 @@ def run_trl(steps: int, seed: int, bf16: bool = False, vllm: bool = False,
 
     if vllm:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         # as lsp.engines: else vLLM drops torch to 1 thread for the whole (training) process
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         patch_trl_vllm_sync()

@@ -58,6 +58,7 @@ TRAIN_CASES = {
     "reward.batch_size=0": "reward.batch_size=0: must be >= 1",
     "optim.betas=[2,3]": "torch.optim.AdamW' refuses its settings: Invalid beta parameter",
     "trainer.grad_clip=0": "trainer.grad_clip=0: must be > 0",
+    "rollout.vllm.kv_cache_gb=0": "rollout.vllm.kv_cache_gb=0: must be > 0 (GiB)",
     "trainer.cpu_allocator=tcmalloc": "trainer.cpu_allocator='tcmalloc': expected one of ['heap', 'keep', 'system']",
 }
 

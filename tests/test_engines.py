@@ -143,10 +143,14 @@ def test_seeded_sampling_on_cpu_with_prompts_beyond_one_prefill_step(vllm_llama)
     split, and draws the seeds once (the same sampling however grouped)."""
     from lsp.engines import VLLMSettings
 
-    settings = VLLMSettings(enforce_eager=True, kv_cache_gb=1, max_model_len=64, cpu_prefill_tokens=1)
+    settings = VLLMSettings(enforce_eager=True, kv_cache_gb=0.01, max_model_len=64, cpu_prefill_tokens=1)
     tok = load_tokenizer(vllm_llama)
     engine = VLLMEngine(vllm_llama, tok, [tok.eos_token_id], "cpu", "float32", settings)
     assert engine.prefill_budget == 64
+    # a fraction of a GiB is honoured (VLLM_CPU_KVCACHE_SPACE would take whole GiB only): the
+    # cache holds what 0.01 GiB holds at 2 (K, V) x 2 layers x 1 head x 32 dims x 4 bytes per token
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    assert 0.95 < cache.num_gpu_blocks * cache.block_size * 512 / (0.01 * 2**30) <= 1
     prompts = [f"Prompt number {i}: say something long." for i in range(6)]  # 6 x ~38 tokens
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
     params = engine._params(sampling, False, len(prompts))

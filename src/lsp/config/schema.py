@@ -92,7 +92,7 @@ class VLLMSection(Section):
     dtype: choice("auto", "float32", "bfloat16", "float16")
     enforce_eager: bool
     max_model_len: Annotated[int, rule(lambda v: v >= 16, "must be >= 16 tokens")]
-    kv_cache_gb: Annotated[int, rule(lambda v: v >= 1, "must be >= 1 (GiB)")]
+    kv_cache_gb: Annotated[float, rule(lambda v: v > 0, "must be > 0 (GiB)")]
     gpu_memory_utilization: Annotated[float, rule(lambda v: 0 < v <= 1, "must be in (0, 1]")]
     cpu_prefill_tokens: PosInt = 16384
 

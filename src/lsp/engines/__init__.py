@@ -17,8 +17,9 @@ One engine per model per run (`EnginePool`): the Challenger and the Solver share
 the reference and a judge that name the same model share theirs.
 
 vLLM facts this relies on (vllm 0.32, `../shared/docs/environment.md`): the engine must run in
-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the CPU KV cache is sized by
-`VLLM_CPU_KVCACHE_SPACE` (GiB), the CPU attention kernels need a head dim of 32 or more, and
+process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), the CPU KV cache is sized by `kv_cache_memory_bytes`
+(`VLLM_CPU_KVCACHE_SPACE` takes whole GiB only) and zero-filled, so all of it is resident from the
+start, the CPU attention kernels need a head dim of 32 or more, and
 weights are replaced in place with the worker's `reload_weights` (the CPU backend repacks linear
 weights, so `model.load_weights` fails there). The full state dict is pushed, tied `lm_head`
 included: without it the tied head kept stale weights in our measurement.

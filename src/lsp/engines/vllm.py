@@ -23,7 +23,7 @@ class VLLMSettings:
     dtype: str = "auto"  # auto: bfloat16 where the run trains under bf16 autocast, else the model's
     enforce_eager: bool = False  # true: no compiled graphs (start in seconds, decode ~1.6x slower)
     max_model_len: int = 4096  # prompt + completion tokens per sequence (sizes the KV cache)
-    kv_cache_gb: int = 2  # CPU: KV-cache memory (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gb: float = 0.5  # CPU: KV-cache memory in GiB (vLLM's kv_cache_memory_bytes)
     gpu_memory_utilization: float = 0.3  # CUDA: share of GPU memory for weights + KV cache
     # (colocated with training, which needs the rest)
     cpu_prefill_tokens: int = 16384  # CPU: prompt tokens one engine step prefills (below)
@@ -32,7 +32,6 @@ class VLLMSettings:
 def _vllm_env(settings: VLLMSettings) -> None:
     # Read by vLLM when an engine is built (vllm.envs is lazy), so setting them here suffices.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process: weights can be pushed
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gb))
     # Without OMP_NUM_THREADS, building a CPU engine drops torch to 1 thread "for serving" and
     # then disables torch.set_num_threads: training in the same process would run on one core.
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
@@ -82,7 +81,11 @@ class VLLMEngine:
         # takes up to `cpu_prefill_tokens` prompt tokens (at least one whole prompt), and
         # `generate` submits the prompts in groups that fit (`_groups`).
         self.prefill_budget = max(settings.cpu_prefill_tokens, max_len) if device == "cpu" else None
-        kwargs = ({"max_num_batched_tokens": self.prefill_budget} if device == "cpu"
+        # CPU: vLLM zero-fills the whole KV cache when it builds it, so its size is resident
+        # memory from the start; passed in bytes (its VLLM_CPU_KVCACHE_SPACE takes whole GiB
+        # only and, when set, still overrides this).
+        kwargs = ({"max_num_batched_tokens": self.prefill_budget,
+                   "kv_cache_memory_bytes": int(settings.kv_cache_gb * 2**30)} if device == "cpu"
                   else {"gpu_memory_utilization": settings.gpu_memory_utilization})
         # Built at `start` (or the first use), not here: with several processes vLLM joins the
         # run's process group (its per-rank groups are made with collective calls), which
