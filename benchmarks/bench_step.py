@@ -2,7 +2,7 @@
 
     make bench            # = .venv-bench/bin/python benchmarks/bench_step.py
 
-Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subprocess per round:
+Systems (`--only`, default: trl trl-bf16 trl-vllm lsp lsp-grpo), each in its own subprocess per round:
 - `trl`: TRL 1.16 fp32; `trl-bf16`: TRL with `bf16=True` (autocast, its GPU default);
   `trl-bf16-heap`: `trl-bf16` with glibc's allocator set by the call lsp's default makes
   (`lsp.selfplay.runtime.configure_cpu_allocator("heap")`), to see how much of the lead that is;
@@ -17,6 +17,11 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp), each in its own subproce
   configuration there;
 - `lsp`: the experiment's defaults (`experiment=cpu_smollm`); `lsp-vllm` / `lsp-own`: the same
   with both roles on the `vllm` / own (`lsp`) engine, to compare engines side by side.
+- `lsp-grpo`: TRL's work and nothing more: lsp's data-driven GRPO baseline (`algo=grpo`, the
+  same trainer without the Challenger, group advantages scaled by the group std as TRL's
+  default does) on TRL's own 16 prompts, 4 drawn per step. `lsp` does TRL's work plus the
+  Challenger's (its generation and its share of the reference and training passes), so
+  `lsp/<peer>` understates the speed at equal work and `lsp-grpo/<peer>` measures it.
 - `lsp-iomp` / `lsp-tcmalloc` / `lsp-tcmalloc-iomp`: `lsp` with Intel OpenMP (the intel-openmp
   wheel's libiomp5) and / or tcmalloc (the OS package) in LD_PRELOAD, as vLLM's CPU docs advise.
 - `lsp-plain-head`: `lsp` with `model.fused_lm_head=false`: the model's own LM head over full
@@ -123,6 +128,9 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "lsp": ("lsp", []),
     "lsp-vllm": ("lsp", VLLM_ROLES),
     "lsp-own": ("lsp", OWN_ROLES),
+    # TRL's work exactly: lsp's data-driven GRPO baseline (`algo=grpo`: no Challenger, queries
+    # drawn from a prompt file, group-std scaling as in TRL) on TRL's own 16 prompts (PROMPTS)
+    "lsp-grpo": ("lsp", ["algo=grpo", "rollout.prompt_file={prompts}"]),
     # the same as `lsp` with libraries preloaded into the worker (vLLM's CPU docs recommend both):
     # Intel OpenMP from the intel-openmp wheel the install already pulls in (.venv/lib), and
     # tcmalloc from the OS (Debian: `apt install libgoogle-perftools4`)
@@ -169,7 +177,7 @@ def run_lsp(steps: int, extra: list[str]) -> dict:
     from lsp.train import build_module
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=LSP_OVERRIDES + extra)
+        cfg = compose(config_name="train", overrides=merge_overrides(LSP_OVERRIDES + extra))
     validate(cfg)
     check_models(cfg)
     L.seed_everything(cfg.seed)
@@ -182,6 +190,21 @@ def run_lsp(steps: int, extra: list[str]) -> dict:
     )
     trainer.fit(module, datamodule=SelfPlayData())
     return {"steps": rec.steps}
+
+
+def merge_overrides(overrides: list[str]) -> list[str]:
+    """Later KEY=VALUE overrides replace earlier ones of the same key (Hydra refuses a config
+    group twice: `algo=lsp_zero algo=grpo`); `{prompts}` becomes a file of TRL's PROMPTS."""
+    merged: dict[str, str] = {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if "{prompts}" in value:
+            path = Path(tempfile.mkdtemp(prefix="lsp_bench_prompts_")) / "prompts.json"
+            path.write_text(json.dumps(PROMPTS))
+            value = value.replace("{prompts}", str(path))
+        merged.pop(key, None)
+        merged[key] = value
+    return [f"{k}={v}" for k, v in merged.items()]
 
 
 def _lsp_recorder_class():  # lightning is imported in the lsp worker only
@@ -453,7 +476,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lsp", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for lsp (e.g. --lsp model.amp=none), repeatable")
-    p.add_argument("--only", nargs="+", default=["trl", "trl-bf16", "trl-vllm", "lsp"],
+    p.add_argument("--only", nargs="+", default=["trl", "trl-bf16", "trl-vllm", "lsp", "lsp-grpo"],
                    choices=list(SYSTEMS), help="systems to run (module doc)")
     p.add_argument("--json", help="also write all figures to this JSON file")
     p.add_argument("--log-dir", help="keep the workers' logs here (default: a temp folder)")
