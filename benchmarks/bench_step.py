@@ -26,6 +26,8 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp lsp-grpo), each in its own
   wheel's libiomp5) and / or tcmalloc (the OS package) in LD_PRELOAD, as vLLM's CPU docs advise.
 - `lsp-plain-head`: `lsp` with `model.fused_lm_head=false`: the model's own LM head over full
   logits, then the log-softmax (the path before issue 10's fused head, lsp.selfplay.lm_head).
+- `lsp-no-memo`: `lsp` with `model.reference_prompt_memo=false`: the frozen reference runs the
+  Challenger's fixed prompt again every step (lsp.selfplay.logprobs.PromptMemo keeps it).
 - `lsp-keep` / `lsp-system`: `lsp` with `trainer.cpu_allocator=keep` (freed heap memory kept,
   but blocks over 32 MiB mapped and page-faulted in on every allocation: the default before
   issue 10's heap setting) / `=system` (glibc's defaults); `lsp` itself serves every block from
@@ -141,6 +143,8 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "lsp-system": ("lsp", ["trainer.cpu_allocator=system"]),
     # `lsp` with the LM head as transformers runs it (full logits), not lsp.selfplay.lm_head
     "lsp-plain-head": ("lsp", ["model.fused_lm_head=false"]),
+    # `lsp` running pi_ref over the Challenger's fixed prompt every step (the default keeps it)
+    "lsp-no-memo": ("lsp", ["model.reference_prompt_memo=false"]),
 }
 PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
 

@@ -25,7 +25,7 @@ from lsp.engines.own import _hf_generate, decode, generate
 from lsp.engines.sampling import SamplingConfig, completion_mask, next_token
 from lsp.models import autocast, byte_level_tokenizer, load_causal_lm, load_tokenizer, resolve_model
 from lsp.selfplay import losses
-from lsp.selfplay.logprobs import completion_logprobs
+from lsp.selfplay.logprobs import PromptMemo, completion_logprobs
 from lsp.selfplay.records import Rollout
 from lsp.selfplay.rewards import LengthReward
 
@@ -101,6 +101,38 @@ def varied(tmp_path_factory):
     tok.save_pretrained(path)
     plain = load_causal_lm(str(path), attn_implementation="sdpa")
     return plain, load_causal_lm(str(path)), load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_reference_prompt_memo_gives_the_same_logprobs(tiny, fused_head):
+    """`model.reference_prompt_memo`: pi_ref's pass over the Challenger's prompt is kept between
+    steps and reused: bit-identical log-probs, the kept KV cache unaltered by the passes that
+    reuse it, and nothing served from it for another prompt, another autocast, or with grad."""
+    _, model, tok = tiny  # its weights stay as they are: a frozen reference here
+    challenger, solver = _rollouts(model, tok)
+    torch.manual_seed(5)  # the next step: the same prompt, other samples
+    prompt = [render_chat(tok, "Write one instruction.")] * 4
+    later = generate(model, tok, prompt, SamplingConfig(max_new_tokens=12))
+    assert torch.equal(later.sequences[:, : later.prompt_len],
+                       challenger.sequences[:, : challenger.prompt_len])
+    assert not torch.equal(later.sequences, challenger.sequences)
+
+    def logprobs(r: Rollout, memo=None, amp=None):
+        with torch.no_grad(), autocast("cpu", amp):
+            return completion_logprobs(model, r.sequences, r.attention_mask, r.prompt_len, 0.7,
+                                       fused_head=fused_head, prompt_memo=memo)
+
+    memo = PromptMemo()
+    for step, r in enumerate([challenger, later, challenger, later]):
+        assert torch.equal(logprobs(r, memo), logprobs(r))
+        assert memo.hits == step  # the first step runs the prompt; every later one reuses it
+    assert torch.equal(logprobs(solver, memo), logprobs(solver))  # other prompts: run
+    assert memo.hits == 3
+    bf16 = logprobs(challenger, memo, torch.bfloat16)  # another autocast: run again
+    assert memo.hits == 3 and torch.equal(bf16, logprobs(challenger, amp=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="no_grad"):  # never for a model being trained
+        completion_logprobs(model, challenger.sequences, challenger.attention_mask,
+                            challenger.prompt_len, prompt_memo=memo)
 
 
 def test_lsp_decoding_matches_generate_greedy_with_early_stops(varied):

@@ -255,3 +255,33 @@ def test_the_checkpoint_callback_runs_after_the_step_records(compose_cfg, tmp_pa
     kinds = [type(c) for c in callbacks]
     assert kinds[-1] is HFCheckpoint
     assert MetricsHistory in kinds and SampleTable in kinds
+
+
+def test_reference_prompt_memo_trains_identically(compose_cfg, workdir):
+    """`model.reference_prompt_memo` (default on) reuses pi_ref's pass over the Challenger's
+    prompt from the second step on, and changes no number: the same seed gives the same rollouts,
+    losses, KL and weights with it as without it."""
+    import lightning as L
+
+    from lsp.selfplay.data import SelfPlayData
+    from lsp.train import build_module
+
+    def three_steps(memo: bool):
+        cfg = compose_cfg("experiment=smoke", "trainer.max_steps=3",
+                          f"model.reference_prompt_memo={str(memo).lower()}")
+        L.seed_everything(cfg.seed)
+        module = build_module(cfg, "cpu", None)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=SelfPlayData())
+        return module
+
+    kept, plain = three_steps(True), three_steps(False)
+    assert kept.prompt_memos["challenger"].hits >= 2 and plain.prompt_memos == {}
+    keys = [k for k in plain.last_metrics if k.startswith(("loss/", "kl/"))]
+    assert {"loss/challenger", "kl/challenger"} <= set(keys)
+    for key in keys:
+        assert kept.last_metrics[key] == plain.last_metrics[key], key
+    for (name, a), b in zip(kept.policy.state_dict().items(), plain.policy.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name

@@ -90,6 +90,7 @@ def settings_from(cfg: DictConfig, device: str, world_size: int = 1) -> SelfPlay
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, cpu_allocator=cfg.trainer.cpu_allocator,
         amp_dtype=amp_dtype(cfg.model.amp, device),
         share_prefix=cfg.model.share_prefix, fused_lm_head=cfg.model.fused_lm_head,
+        reference_prompt_memo=cfg.model.reference_prompt_memo,
         prompt_queries=load_prompt_file(r.prompt_file) if r.prompt_file else None,
     )
 

@@ -49,6 +49,7 @@ class ModelSection(Section):
     attn_implementation: choice("auto", "grouped", "sdpa", "eager")
     share_prefix: bool
     fused_lm_head: bool = True
+    reference_prompt_memo: bool = True
     chat_date: Annotated[str, rule(lambda v: bool(v.strip()), "the date chat templates see: a "
                                    "non-empty string such as '26 Jul 2024'")]
 

@@ -13,6 +13,7 @@ is sampled at a temperature other than 1 (a choice the paper leaves open).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 
@@ -73,6 +74,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     share_prefix: bool = True,
     fused_head: bool = True,
+    prompt_memo: PromptMemo | None = None,
 ) -> Tensor:
     # sequences, attention_mask (B, P + C) -> (B, C) log-probs of the completion tokens.
     # Columns that are padding in every row are never computed (their log-probs are 0; masked).
@@ -81,6 +83,8 @@ def completion_logprobs(
     # repeated for the completions. Same maths as running every row in full (tests check it).
     # fused_head: the LM head and log-softmax run slice by slice over the vocabulary on the real
     # completion tokens only (lsp.selfplay.lm_head), where the model's head allows it.
+    # prompt_memo (a frozen model under no_grad only): the prompt pass of share_prefix is kept
+    # and reused while the prompts are the same (the Challenger's fixed prompt, every step).
     completion_len = sequences.shape[1] - prompt_len
     lo, hi = _real_columns(attention_mask, prompt_len)
     # Left padding shifts the real tokens right, so positions must count real tokens only;
@@ -93,7 +97,7 @@ def completion_logprobs(
     parts = lm_head.head_parts(model) if fused_head else None
     if parts is None:  # the model's own head: (b, c, V) logits per block of columns
         run = _runner(model, "logits", cache_argument(model), _accepts_logits_to_keep(model))
-        blocks, col, out = _position_outputs(run, ids, mask, pos, p, groups), 0, []
+        blocks, col, out = _position_outputs(run, ids, mask, pos, p, groups, prompt_memo), 0, []
         for x in blocks:  # token_logprobs per block: the (B, C', V) logits are never concatenated
             out.append(token_logprobs(x, targets[:, col : col + x.shape[1]], temperature))
             col += x.shape[1]
@@ -101,7 +105,8 @@ def completion_logprobs(
     else:
         decoder, weight = parts
         run = _runner(decoder, "last_hidden_state", _cache_kwarg(type(decoder)), False)
-        hidden = torch.cat(_position_outputs(run, ids, mask, pos, p, groups), dim=1)  # (B, C', H)
+        hidden = torch.cat(_position_outputs(run, ids, mask, pos, p, groups, prompt_memo),
+                           dim=1)  # (B, C', H)
         out = _fused_head_logprobs(hidden, weight, targets, mask[:, p:].bool(), temperature)
     return nn.functional.pad(out, (0, completion_len - out.shape[1]))  # (B, C)
 
@@ -143,10 +148,11 @@ def _runner(module: nn.Module, output: str, cache_name: str | None, keep_arg: bo
         x = getattr(res, output)
         return (x if keep is None else x[:, -keep:]), (getattr(res, cache_name) if use_cache else None)
 
+    run.output = output  # what it returns (a PromptMemo keeps one kind only)
     return run
 
 
-def _position_outputs(run, ids, mask, pos, prompt_len, groups) -> list[Tensor]:
+def _position_outputs(run, ids, mask, pos, prompt_len, groups, memo=None) -> list[Tensor]:
     # The model's outputs at positions P-1 .. P+C-2 (the one at t predicts token t + 1), as
     # blocks of columns in order: [(B, C, X)], or with groups (B,) (row -> distinct prompt)
     # [(B, 1, X), (B, C - 1, X)]: a prompt pass over the Q distinct prompts, then the
@@ -157,13 +163,51 @@ def _position_outputs(run, ids, mask, pos, prompt_len, groups) -> list[Tensor]:
         out, _ = run(ids, mask, pos, keep=c + 1)  # the last position predicts past the end
         return [out[:, :-1]]
     first = torch.cat([groups.new_ones(1), groups[1:] != groups[:-1]]).nonzero()[:, 0]  # (Q,)
-    head, cache = run(ids[first, :p], mask[first, :p], pos[first, :p], keep=1, use_cache=True)
+    prompt = (ids[first, :p], mask[first, :p], pos[first, :p])
+    if memo is None:
+        head, cache = run(*prompt, keep=1, use_cache=True)
+    else:
+        head, cache = memo.prompt_pass(prompt, lambda: run(*prompt, keep=1, use_cache=True),
+                                       run.output)
     blocks = [head[groups]]  # (B, 1, X)
     if c > 1:
         cache.reorder_cache(groups)  # (Q, ...) -> (B, ...)
         tail, _ = run(ids[:, p:-1], mask[:, :-1], pos[:, p:-1], use_cache=True, cache=cache)
         blocks.append(tail)  # (B, C - 1, X)
     return blocks
+
+
+class PromptMemo:
+    """The last prompt pass of a frozen model (its outputs at the prompts' last position and
+    their KV cache), reused while the same prompts come again under the same autocast. The
+    Challenger's prompt is the same every step and pi_ref never changes, so its reference pass
+    runs the prompt once per run instead of once per step (same numbers: a cache hit returns
+    the tensors the pass computed). Never for the policy: its weights change every step."""
+
+    def __init__(self):
+        self._context: tuple | None = None  # (output, autocast on, its dtype) of the kept pass
+        self._prompt: tuple[Tensor, ...] = ()  # its (ids, mask, pos), each (Q, P)
+        self._value: tuple[Tensor, object] | None = None  # its (head, KV cache)
+        self.hits = 0
+
+    def prompt_pass(self, prompt: tuple[Tensor, Tensor, Tensor], compute, output: str):
+        # prompt: (ids, mask, pos) (Q, P); compute() -> (head (Q, 1, X), KV cache), the head
+        # being the model's `output` ("logits" or "last_hidden_state")
+        # -> the kept or newly computed head, and a copy of the KV cache of its own
+        if torch.is_grad_enabled():
+            raise RuntimeError("PromptMemo is for a frozen model's passes under no_grad")
+        kind = prompt[0].device.type
+        context = (output, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        if context == self._context and len(self._prompt) == len(prompt) and all(
+                a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+                for a, b in zip(self._prompt, prompt, strict=True)):
+            self.hits += 1
+        else:
+            self._context, self._prompt = context, tuple(x.clone() for x in prompt)
+            self._value = compute()
+        head, cache = self._value
+        # the caller reorders and appends to the cache in place: it gets its own copy
+        return head, copy.deepcopy(cache)
 
 
 def _fused_head_logprobs(hidden, weight, targets, real, temperature) -> Tensor:

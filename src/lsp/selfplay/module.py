@@ -29,7 +29,9 @@ gathered weights, equal forward/backward counts on every rank, and FSDP's own re
 
 Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` runs each distinct
 prompt once in the reference and training passes (`lsp.selfplay.logprobs`); `fused_lm_head` computes the
-target log-probs one vocabulary slice at a time, on real tokens only (`lsp.selfplay.lm_head`); the finite-gradient check is
+target log-probs one vocabulary slice at a time, on real tokens only (`lsp.selfplay.lm_head`);
+`reference_prompt_memo` runs the frozen reference over the Challenger's prompt, the same every
+step, once per run (`lsp.selfplay.logprobs.PromptMemo`); the finite-gradient check is
 the gradient norm (one pass); `cpu_allocator` ("heap") serves every block from glibc's heap
 and keeps freed memory, so the step's activations are not page-faulted in again every step (CPU;
 `lsp.selfplay.runtime.configure_cpu_allocator`).
@@ -53,6 +55,7 @@ from lsp.engines.sampling import SamplingConfig
 from lsp.selfplay import advantages as adv
 from lsp.selfplay import distributed, fsdp
 from lsp.selfplay.constraints import augment
+from lsp.selfplay.logprobs import PromptMemo
 from lsp.selfplay.losses import LossStats, role_counts, role_weight, total_loss
 from lsp.selfplay.metrics import step_metrics
 from lsp.selfplay.passes import RolePass, backward_role, reference_logprobs
@@ -93,6 +96,7 @@ class SelfPlaySettings:
     prompt_queries: list[str] | None = None  # set: GRPO on these prompts, no Challenger
     share_prefix: bool = True  # one prompt pass per distinct prompt (lsp.selfplay.logprobs), same maths
     fused_lm_head: bool = True  # LM head + log-softmax per vocabulary slice (lsp.selfplay.lm_head)
+    reference_prompt_memo: bool = True  # pi_ref's pass over the Challenger prompt kept (PromptMemo)
     cpu_allocator: str = "heap"  # CPU/glibc malloc: heap | keep | system (configure_cpu_allocator)
 
 
@@ -116,6 +120,9 @@ class SelfPlayModule(L.LightningModule):
         # MetricsHistory) and returned by lsp.train.train; {} before the first step.
         self.last_metrics: dict[str, float] = {}
         self.challenger_chat = render_chat(tokenizer, settings.challenger_prompt)
+        # pi_ref's pass over the Challenger's prompt, which is the same every step (with the
+        # constraint environment too: constraints go to the Solver), is run once and kept
+        self.prompt_memos = {"challenger": PromptMemo()} if settings.reference_prompt_memo else {}
         # role -> the engine that samples it (lsp.engines); both default to decoding on the policy.
         default = TorchEngine(policy, tokenizer, settings.amp_dtype)
         self.engines = {"challenger": default, "solver": default} | (engines or {})
@@ -275,7 +282,7 @@ class SelfPlayModule(L.LightningModule):
                                        s.solver.temperature, role_counts(full.solver))
         with timer("reference_logprobs"):
             refs = {role: reference_logprobs(self.frozen["reference"], r.rollout, r.temperature,
-                                             s, self.device)
+                                             s, self.device, self.prompt_memos.get(role))
                     for role, r in roles.items() if r.rollout is not None}
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lsp.models import autocast
 from lsp.selfplay import distributed, fsdp, losses
-from lsp.selfplay.logprobs import completion_logprobs, masked_sum
+from lsp.selfplay.logprobs import PromptMemo, completion_logprobs, masked_sum
 from lsp.selfplay.losses import LossStats
 from lsp.selfplay.records import Rollout
 
@@ -42,13 +42,15 @@ def micro_batches(n: int, size: int) -> list[slice]:
 
 @torch.no_grad()
 def reference_logprobs(ref: nn.Module, rollout: Rollout, temperature: float,
-                       s: SelfPlaySettings, device: torch.device) -> Tensor:
-    """(B, C) float32 log-probs of the sampled completion tokens under pi_ref at `temperature`."""
+                       s: SelfPlaySettings, device: torch.device,
+                       prompt_memo: PromptMemo | None = None) -> Tensor:
+    """(B, C) float32 log-probs of the sampled completion tokens under pi_ref at `temperature`.
+    prompt_memo: the role's prompt pass kept between steps (lsp.selfplay.logprobs.PromptMemo)."""
     with autocast(device, s.amp_dtype):
         parts = [
             completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
                                 rollout.prompt_len, temperature, share_prefix=s.share_prefix,
-                                fused_head=s.fused_lm_head)
+                                fused_head=s.fused_lm_head, prompt_memo=prompt_memo)
             for mb in micro_batches(rollout.sequences.shape[0], s.micro_batch_size)
         ]
     return torch.cat(parts).float()  # (B, C)
