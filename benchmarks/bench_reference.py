@@ -58,12 +58,13 @@ def bf16_linear(model: torch.nn.Module) -> int:
     return n
 
 
-def reference_pass(model, batches, amp, memo=None) -> list[torch.Tensor]:
-    # -> the (B, C) float32 log-probs of each batch (0 at pads); memo for the last batch only
+def reference_pass(model, batches, amp, memos) -> list[torch.Tensor]:
+    # batches: [(sequences, mask, prompt_len)]; memos: a PromptMemo or None per batch
+    # -> the (B, C) float32 log-probs of each batch (0 at pads)
     with torch.no_grad(), autocast("cpu", amp):
         return [completion_logprobs(model, s, m, p, share_prefix=True, fused_head=True,
-                                    prompt_memo=memo if i == len(batches) - 1 else None).float()
-                for i, (s, m, p) in enumerate(batches)]
+                                    prompt_memo=memo).float()
+                for (s, m, p), memo in zip(batches, memos, strict=True)]
 
 
 def main() -> None:
@@ -78,17 +79,18 @@ def main() -> None:
     cast = bf16_linear(models["bf16-linear"])
     models["bfloat16"] = load_causal_lm(path, "bfloat16")
     models["float32+memo"] = models["float32"]
-    memo = PromptMemo()  # the Challenger's batch only, as lsp.selfplay.module passes it
     seqs, mask, _ = batch()
     ch_seqs, ch_mask = challenger_batch()
     batches = [(seqs, mask, P), (ch_seqs, ch_mask, CH_PROMPT)]
+    # a memo for the Challenger's batch only, as lsp.selfplay.module passes it
+    memos = {k: [None, PromptMemo() if k.endswith("+memo") else None] for k in models}
     amp = amp_dtype("auto", "cpu")
     times: dict[str, list[float]] = {k: [] for k in models}
     outs = {}
     for _ in range(args.reps):
         for name, model in models.items():
             start = time.perf_counter()
-            outs[name] = reference_pass(model, batches, amp, memo if "memo" in name else None)
+            outs[name] = reference_pass(model, batches, amp, memos[name])
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     real = [mask[:, P:].bool(), ch_mask[:, CH_PROMPT:].bool()]

@@ -180,12 +180,14 @@ def run_lsp(steps: int, extra: list[str]) -> dict:
     from lsp.selfplay.data import SelfPlayData
     from lsp.train import build_module
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=merge_overrides(LSP_OVERRIDES + extra))
-    validate(cfg)
-    check_models(cfg)
-    L.seed_everything(cfg.seed)
-    module = build_module(cfg, "cpu", None)
+    with tempfile.TemporaryDirectory(prefix="lsp_bench_") as tmp:  # the prompt file, if any
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train",
+                          overrides=merge_overrides(LSP_OVERRIDES + extra, Path(tmp)))
+        validate(cfg)
+        check_models(cfg)
+        L.seed_everything(cfg.seed)
+        module = build_module(cfg, "cpu", None)  # reads the prompt file
     rec = _lsp_recorder_class()()
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=False, callbacks=[rec],
@@ -196,14 +198,15 @@ def run_lsp(steps: int, extra: list[str]) -> dict:
     return {"steps": rec.steps}
 
 
-def merge_overrides(overrides: list[str]) -> list[str]:
+def merge_overrides(overrides: list[str], folder: Path) -> list[str]:
     """Later KEY=VALUE overrides replace earlier ones of the same key (Hydra refuses a config
-    group twice: `algo=lsp_zero algo=grpo`); `{prompts}` becomes a file of TRL's PROMPTS."""
+    group twice: `algo=lsp_zero algo=grpo`); `{prompts}` becomes a file of TRL's PROMPTS,
+    written into `folder`."""
     merged: dict[str, str] = {}
     for o in overrides:
         key, _, value = o.partition("=")
         if "{prompts}" in value:
-            path = Path(tempfile.mkdtemp(prefix="lsp_bench_prompts_")) / "prompts.json"
+            path = folder / "prompts.json"
             path.write_text(json.dumps(PROMPTS))
             value = value.replace("{prompts}", str(path))
         merged.pop(key, None)
