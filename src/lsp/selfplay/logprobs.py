@@ -221,9 +221,11 @@ def _fused_head_logprobs(hidden, weight, targets, real, temperature) -> Tensor:
 
 
 def _can_share_prefix(model: nn.Module) -> bool:
-    # Gradient checkpointing turns the KV cache off in training; the path needs the
-    # transformers (>= 5) causal-LM interface: logits_to_keep and a KV-cache argument.
-    if torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False):
+    # Checkpointed layers drop the KV cache in training mode (transformers'
+    # GradientCheckpointingLayer: use_cache=False and no cache), so the prompt pass would have
+    # none to hand on; the path also needs the transformers (>= 5) causal-LM interface:
+    # logits_to_keep and a KV-cache argument.
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
         return False
     return cache_argument(model) is not None
 
