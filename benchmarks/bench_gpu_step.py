@@ -29,9 +29,9 @@ memory (torch's peak reserved bytes, which vLLM's in-process engine allocates th
 the device's used memory at the end of a step, `torch.cuda.mem_get_info`).
 
 Memory on one GPU (3B, fp32 master weights + AdamW: ~51 GB; reference and reward model bf16:
-~13 GB): each in-process vLLM engine takes `rollout.vllm.gpu_memory_utilization` of the GPU
-(this script: 0.12 each; the roles share one engine, the judge on the reference has its own),
-so 3B needs an H200 (141 GB) or `--size 1b` on an 80 GB card. `--override KEY=VALUE` passes
+~13 GB): each in-process vLLM engine takes `rollout.vllm.gpu_memory_utilization` of the whole
+GPU (the paper config: 0.12 each; the roles share one engine, the judge on the reference has its
+own), so 3B needs an H200 (141 GB), or `--size 1b` on an 80 GB card. `--override KEY=VALUE` passes
 any further Hydra override.
 """
 
@@ -104,9 +104,10 @@ def overrides(args, engine: str, policy: Path, reward: Path) -> list[str]:
         "rollout.reject_truncated=false",
         f"rollout.challenger.engine={engine}", f"rollout.solver.engine={engine}",
         f"algo.self_reward.engine={engine}",
-        f"rollout.vllm.gpu_memory_utilization={args.vllm_memory}",
         f"trainer.max_steps={args.warmup + args.steps}", f"seed={args.seed}",
     ]
+    if args.vllm_memory is not None:
+        out.append(f"rollout.vllm.gpu_memory_utilization={args.vllm_memory}")
     return out + args.override
 
 
@@ -244,8 +245,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vllm-memory", type=float, default=0.12,
-                   help="rollout.vllm.gpu_memory_utilization, per engine")
+    p.add_argument("--vllm-memory", type=float, default=None,
+                   help="rollout.vllm.gpu_memory_utilization, per engine (paper config: 0.12)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lsp" / "models"),
                    help="where the random-weight models are built (3b: ~13 GB)")
     p.add_argument("--override", action="append", default=[], help="a further Hydra override")

@@ -137,6 +137,24 @@ def test_groups_fit_the_prefill_budget():
     assert _groups([30, 30], None) == [[0, 1]]
 
 
+def test_vllm_rollouts_come_back_on_the_runs_device(vllm_llama):
+    """vLLM returns token lists: the rollout is built on the host and must reach the device of
+    the reference and policy passes (on a GPU run a CPU rollout fails in the first reference
+    pass). No GPU here, so the engine is told to hand over on the meta device."""
+    from lsp.engines import VLLMSettings
+
+    tok = load_tokenizer(vllm_llama)
+    settings = VLLMSettings(enforce_eager=True, kv_cache_gb=0.01, max_model_len=64)
+    engine = VLLMEngine(vllm_llama, tok, [tok.eos_token_id], "cpu", "float32", settings)
+    assert engine.device == torch.device("cpu")
+    engine.device = torch.device("meta")
+    rollout = engine.generate(PROMPTS, GREEDY, greedy=True)
+    tensors = [rollout.sequences, rollout.attention_mask, rollout.completion_mask,
+               rollout.truncated, rollout.logprobs]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert len(rollout.completions) == len(PROMPTS)  # decoded on the host, before the move
+
+
 def test_seeded_sampling_on_cpu_with_prompts_beyond_one_prefill_step(vllm_llama):
     """vLLM's CPU sampler cannot rewind a seeded generator after a chunked prefill: one call with
     more prompt tokens than a step takes fails. `generate` groups the prompts so that none is

@@ -76,6 +76,17 @@ def test_fast_path_float32_matches_plain_path(tiny):
         assert (grad1 - grad0).norm() < 1e-4 * grad0.norm()
 
 
+def test_share_prefix_matches_full_rows_under_sdpa(tiny):
+    # GPUs run transformers' SDPA attention (lsp_grouped is CPU only): the shared prompt pass,
+    # its repeated KV cache and left-padded rows under SDPA's masks give the full rows' numbers
+    plain, _, tok = tiny
+    for r in _rollouts(plain, tok):
+        _, logp0, grad0 = _loss_and_grad(plain, r, share_prefix=False, amp=None)
+        _, logp1, grad1 = _loss_and_grad(plain, r, share_prefix=True, amp=None)
+        torch.testing.assert_close(logp1, logp0, atol=1e-5, rtol=0)
+        assert (grad1 - grad0).norm() < 1e-4 * grad0.norm()
+
+
 def test_fast_path_bf16_autocast_close_to_float32(tiny):
     plain, fast, tok = tiny
     for r in _rollouts(plain, tok):
@@ -153,8 +164,11 @@ def test_reference_prompt_memo_gives_the_same_logprobs(tiny, fused_head):
                             challenger.prompt_len, prompt_memo=memo)
 
 
-def test_lsp_decoding_matches_generate_greedy_with_early_stops(varied):
+@pytest.mark.parametrize("attention", ["lsp_grouped", "sdpa"])  # CPU default / GPUs
+def test_lsp_decoding_matches_generate_greedy_with_early_stops(varied, attention):
     plain, fast, tok = varied
+    decoder = fast if attention == "lsp_grouped" else plain
+    assert decoder.config._attn_implementation == attention
     prompts = [render_chat(tok, q) for q in ("Hi", "Hello there", "Hi") for _ in range(2)]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     cfg = SamplingConfig(max_new_tokens=16)
@@ -162,7 +176,7 @@ def test_lsp_decoding_matches_generate_greedy_with_early_stops(varied):
     # Make rows stop at different steps: the token row 0 produces at step 5 becomes an EOS.
     eos = [tok.eos_token_id, int(hf[0, 5])]
     hf = _hf_generate(plain, enc, cfg, eos, tok.pad_token_id, greedy=True)
-    ours = decode(fast, enc["input_ids"], enc["attention_mask"], cfg, eos, tok.pad_token_id,
+    ours = decode(decoder, enc["input_ids"], enc["attention_mask"], cfg, eos, tok.pad_token_id,
                   greedy=True)
     mask, ended = completion_mask(hf, eos)
     assert ended.any() and not ended.all()

@@ -75,6 +75,9 @@ class VLLMEngine:
         max_len = min(settings.max_model_len,
                       getattr(config, "max_position_embeddings", None) or settings.max_model_len)
         self.tokenizer = tokenizer
+        # vLLM returns token lists; its rollouts are built on the host and handed over on the
+        # run's device, where the reference and the policy read them (as the lsp engine's are)
+        self.device = torch.device(device)
         # CPU: vLLM rewinds a seeded request's generator after a partial (chunked) prefill with a
         # CUDA-only call ("RuntimeError: CPU Generator does not use offset"), and chunked prefill
         # cannot be turned off in its V1 engine. So no prompt may be split across steps: a step
@@ -149,7 +152,7 @@ class VLLMEngine:
             lps = [next(iter(d.values())).logprob for d in (o.logprobs or [])]
             logprobs[i, : len(lps)] = torch.tensor(lps)
         ended = torch.tensor([o.finish_reason == "stop" for o in outputs])  # (B,) EOS reached
-        return Rollout(
+        rollout = Rollout(
             sequences=torch.cat([enc["input_ids"], ids], dim=1),
             attention_mask=torch.cat([enc["attention_mask"], mask], dim=1),
             prompt_len=enc["input_ids"].shape[1],
@@ -159,6 +162,7 @@ class VLLMEngine:
             truncated=~ended,
             logprobs=logprobs * mask,
         )
+        return rollout.to(self.device)
 
     @torch.no_grad()
     def push(self, model, state_dict: dict | None = None) -> None:

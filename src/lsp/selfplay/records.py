@@ -6,6 +6,7 @@ tokens (right-padded). Solver rows are ordered query-major: row i * G + j is ans
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,13 @@ class Rollout:
     @property
     def completion_lengths(self) -> Tensor:  # (B,)
         return self.completion_mask.sum(-1)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same rollout with its tensors on `device` (the training passes' device)."""
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("sequences", "attention_mask", "completion_mask", "truncated")}
+        logprobs = None if self.logprobs is None else self.logprobs.to(device)
+        return dataclasses.replace(self, logprobs=logprobs, **moved)
 
 
 @dataclass

@@ -26,9 +26,18 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str):
+        _synchronize()
         start = time.perf_counter()
         yield
+        _synchronize()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    # CUDA kernels run after their launch returns: without waiting for them at the edges, a
+    # phase's GPU time would be charged to the next phase that reads a result (a no-op on CPU)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 CPU_ALLOCATOR_MODES = ("heap", "keep", "system")
