@@ -28,6 +28,9 @@ Systems (`--only`, default: trl trl-bf16 trl-vllm lsp lsp-grpo), each in its own
   logits, then the log-softmax (the path before issue 10's fused head, lsp.selfplay.lm_head).
 - `lsp-no-memo`: `lsp` with `model.reference_prompt_memo=false`: the frozen reference runs the
   Challenger's fixed prompt again every step (lsp.selfplay.logprobs.PromptMemo keeps it).
+- `lsp-ungrouped`: `lsp` with `trainer.group_by_length=false`: micro-batches in row order. The
+  default groups rows by completion length where a pass does not share prompts (gradient
+  checkpointing, as the paper config; `--lsp=model.gradient_checkpointing=true`).
 - `lsp-keep` / `lsp-system`: `lsp` with `trainer.cpu_allocator=keep` (freed heap memory kept,
   but blocks over 32 MiB mapped and page-faulted in on every allocation: the default before
   issue 10's heap setting) / `=system` (glibc's defaults); `lsp` itself serves every block from
@@ -145,6 +148,9 @@ SYSTEMS = {  # name -> (worker, options): module doc
     "lsp-plain-head": ("lsp", ["model.fused_lm_head=false"]),
     # `lsp` running pi_ref over the Challenger's fixed prompt every step (the default keeps it)
     "lsp-no-memo": ("lsp", ["model.reference_prompt_memo=false"]),
+    # `lsp` with micro-batches in row order (the default groups rows of similar length where
+    # prompts are not shared: with gradient checkpointing, e.g. --lsp=model.gradient_checkpointing=true)
+    "lsp-ungrouped": ("lsp", ["trainer.group_by_length=false"]),
 }
 PRELOAD = {"lsp-iomp": ["iomp"], "lsp-tcmalloc": ["tcmalloc"], "lsp-tcmalloc-iomp": ["tcmalloc", "iomp"]}
 

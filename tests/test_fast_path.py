@@ -16,6 +16,8 @@ Stated tolerances, on the smoke model (`tiny:causal`):
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -26,6 +28,15 @@ from lsp.engines.sampling import SamplingConfig, completion_mask, next_token
 from lsp.models import autocast, byte_level_tokenizer, load_causal_lm, load_tokenizer, resolve_model
 from lsp.selfplay import losses
 from lsp.selfplay.logprobs import PromptMemo, completion_logprobs
+from lsp.selfplay.losses import role_counts
+from lsp.selfplay.module import SelfPlaySettings
+from lsp.selfplay.passes import (
+    RolePass,
+    backward_role,
+    micro_batches,
+    reference_logprobs,
+    role_batches,
+)
 from lsp.selfplay.records import Rollout
 from lsp.selfplay.rewards import LengthReward
 
@@ -232,3 +243,67 @@ def test_reserved_cache_layer_writes_in_place_then_grows_when_out_of_room():
     torch.testing.assert_close(values, torch.cat([v0, v1, v2], dim=-2)[1:])
     assert layer.buffers is None and layer.get_seq_length() == 6
 
+
+
+def test_micro_batches_group_rows_by_length():
+    lengths = torch.tensor([3, 9, 1, 9, 5])
+    assert [mb.tolist() for mb in micro_batches(5, 2, lengths)] == [[1, 3], [4, 0], [2]]
+    assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert micro_batches(2, 4, lengths[:2]) == [slice(0, 2)]  # one micro-batch: nothing to group
+
+
+def _cut(r: Rollout, lengths: list[int]) -> Rollout:
+    # the rollout with row i's completion ended after lengths[i] tokens (as an earlier EOS would)
+    keep = torch.arange(r.completion_mask.shape[1]) < torch.tensor(lengths)[:, None]  # (B, C)
+    mask = r.completion_mask * keep
+    seq = r.sequences.clone()
+    seq[:, r.prompt_len:] = torch.where(mask.bool(), seq[:, r.prompt_len:], 0)
+    return dataclasses.replace(r, sequences=seq, completion_mask=mask,
+                               attention_mask=torch.cat([r.attention_mask[:, :r.prompt_len], mask], 1))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_group_by_length_gives_the_same_logprobs_loss_and_gradients(tiny, checkpointing):
+    # Solver-like rows (3 prompts x 2 answers) of uneven lengths, micro-batches of 2. Grouped by
+    # length where prompts are not shared: under gradient checkpointing (the paper config), or
+    # with share_prefix off.
+    plain, _, tok = tiny
+    path = resolve_model("tiny:causal")
+    policy = load_causal_lm(path, trainable=True)
+    if checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.train()
+    solver = _cut(_rollouts(plain, tok)[1], [2, 12, 3, 11, 12, 1])
+    gen = torch.Generator().manual_seed(2)
+    advantages = torch.randn(6, generator=gen)
+
+    def run(group: bool):
+        s = SelfPlaySettings(micro_batch_size=2, group_by_length=group,
+                             share_prefix=checkpointing)  # checkpointing: shared but steps aside
+        ref = reference_logprobs(plain, solver, 1.0, s, torch.device("cpu"))
+        policy.zero_grad(set_to_none=True)
+        role = RolePass(solver, advantages, 1.0, 1.0, role_counts(solver))
+        stats = backward_role(policy, role, ref, s, torch.device("cpu"), lambda x: x.backward())
+        grad = torch.cat([p.grad.flatten() for p in policy.parameters()])
+        return ref, stats.loss, grad, role_batches(policy, solver, s, s.share_prefix)
+
+    ref0, loss0, grad0, batches0 = run(False)
+    ref1, loss1, grad1, batches1 = run(True)
+    assert all(isinstance(mb, slice) for mb in batches0)
+    assert [mb.tolist() for mb in batches1] == [[1, 4], [3, 2], [0, 5]]
+    torch.testing.assert_close(ref1, ref0, atol=1e-5, rtol=0)  # rows back in the rollout's order
+    assert abs(loss1 - loss0) < 1e-5
+    assert (grad1 - grad0).norm() < 1e-4 * grad0.norm()
+    # the point of it: fewer token columns computed (each micro-batch runs its real columns)
+    width = lambda mb: int(solver.completion_mask[mb].sum(-1).max())  # noqa: E731
+    assert sum(2 * width(mb) for mb in batches1) < sum(2 * width(mb) for mb in batches0)
+
+
+def test_shared_prompts_keep_their_rows_in_order(tiny):
+    # where the pass shares prompts, a prompt's rows must stay together: no grouping
+    plain, _, tok = tiny
+    s = SelfPlaySettings(micro_batch_size=2, group_by_length=True, share_prefix=True)
+    solver = _cut(_rollouts(plain, tok)[1], [2, 12, 3, 11, 12, 1])
+    plain.train()
+    assert all(isinstance(mb, slice) for mb in role_batches(plain, solver, s, True))
+    assert not all(isinstance(mb, slice) for mb in role_batches(plain, solver, s, False))

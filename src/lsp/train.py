@@ -87,6 +87,7 @@ def settings_from(cfg: DictConfig, device: str, world_size: int = 1) -> SelfPlay
         alpha_ch=a.alpha_ch, scale_std=a.scale_std, invalid_query=a.invalid_query,
         self_reward_weight=a.self_reward.weight if a.self_reward.enabled else 0.0,
         micro_batch_size=cfg.trainer.micro_batch_size, grad_clip=cfg.trainer.grad_clip,
+        group_by_length=cfg.trainer.group_by_length,
         max_nonfinite_steps=cfg.trainer.max_nonfinite_steps, cpu_allocator=cfg.trainer.cpu_allocator,
         amp_dtype=amp_dtype(cfg.model.amp, device),
         share_prefix=cfg.model.share_prefix, fused_lm_head=cfg.model.fused_lm_head,

@@ -174,6 +174,7 @@ Device = Annotated[str, rule(lambda v: v in ("auto", "cpu", "mps") or v == "cuda
 class TrainerSection(Section):
     max_steps: PosInt
     micro_batch_size: PosInt
+    group_by_length: bool = True  # lsp.selfplay.passes.role_batches
     grad_clip: PosFloat | None = None
     max_nonfinite_steps: NonNegInt
     accelerator: choice("auto", "cpu", "cuda", "gpu", "mps")

@@ -92,7 +92,7 @@ def completion_logprobs(
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     ids, mask, pos = (x[:, lo:hi] for x in (sequences, attention_mask, position_ids))
     p = prompt_len - lo
-    groups = prompt_groups(ids, mask, p) if share_prefix and _can_share_prefix(model) else None
+    groups = prompt_groups(ids, mask, p) if share_prefix and can_share_prefix(model) else None
     targets = ids[:, p:]  # (B, C')
     parts = lm_head.head_parts(model) if fused_head else None
     if parts is None:  # the model's own head: (b, c, V) logits per block of columns
@@ -220,7 +220,8 @@ def _fused_head_logprobs(hidden, weight, targets, real, temperature) -> Tensor:
         real, logp)
 
 
-def _can_share_prefix(model: nn.Module) -> bool:
+def can_share_prefix(model: nn.Module) -> bool:
+    """Whether `model`'s passes can take the shared-prompt path now (share_prefix)."""
     # Checkpointed layers drop the KV cache in training mode (transformers'
     # GradientCheckpointingLayer: use_cache=False and no cache), so the prompt pass would have
     # none to hand on; the path also needs the transformers (>= 5) causal-LM interface:

@@ -90,6 +90,7 @@ class SelfPlaySettings:
     invalid_query: str = "penalize"
     self_reward_weight: float = 1.0
     micro_batch_size: int = 16
+    group_by_length: bool = True  # micro-batches of rows of similar length (lsp.selfplay.passes)
     grad_clip: float | None = 1.0
     max_nonfinite_steps: int = 3
     amp_dtype: torch.dtype | None = None

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lsp.models import autocast
 from lsp.selfplay import distributed, fsdp, losses
-from lsp.selfplay.logprobs import PromptMemo, completion_logprobs, masked_sum
+from lsp.selfplay.logprobs import PromptMemo, can_share_prefix, completion_logprobs, masked_sum
 from lsp.selfplay.losses import LossStats
 from lsp.selfplay.records import Rollout
 
@@ -36,8 +36,24 @@ class RolePass(NamedTuple):
     counts: tuple[int, int]  # the GLOBAL batch's (sequences, completion tokens) of the role
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def micro_batches(n: int, size: int, lengths: Tensor | None = None) -> list[slice | Tensor]:
+    """The rows of each micro-batch of at most `size`: slices in order, or with `lengths` (n,)
+    index tensors over the rows sorted by length, longest first, so that each micro-batch pads
+    to rows of about its own length (every micro-batch is normalised by the whole batch's
+    counts, so the order changes no sum, only the float rounding)."""
+    if lengths is None or n <= size:
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    order = torch.argsort(lengths, descending=True, stable=True)  # (n,)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def role_batches(model: nn.Module, rollout: Rollout, s: SelfPlaySettings, share_prefix: bool
+                 ) -> list[slice | Tensor]:
+    """`micro_batches` of a role's pass: grouped by completion length (`trainer.group_by_length`)
+    unless the pass shares prompts, which needs each prompt's rows together and in order."""
+    sorted_ok = s.group_by_length and not (share_prefix and can_share_prefix(model))
+    lengths = rollout.completion_mask.sum(-1) if sorted_ok else None  # (B,)
+    return micro_batches(rollout.sequences.shape[0], s.micro_batch_size, lengths)
 
 
 @torch.no_grad()
@@ -46,14 +62,18 @@ def reference_logprobs(ref: nn.Module, rollout: Rollout, temperature: float,
                        prompt_memo: PromptMemo | None = None) -> Tensor:
     """(B, C) float32 log-probs of the sampled completion tokens under pi_ref at `temperature`.
     prompt_memo: the role's prompt pass kept between steps (lsp.selfplay.logprobs.PromptMemo)."""
+    batches = role_batches(ref, rollout, s, s.share_prefix)
     with autocast(device, s.amp_dtype):
         parts = [
             completion_logprobs(ref, rollout.sequences[mb], rollout.attention_mask[mb],
                                 rollout.prompt_len, temperature, share_prefix=s.share_prefix,
                                 fused_head=s.fused_lm_head, prompt_memo=prompt_memo)
-            for mb in micro_batches(rollout.sequences.shape[0], s.micro_batch_size)
+            for mb in batches
         ]
-    return torch.cat(parts).float()  # (B, C)
+    out = torch.cat(parts).float()  # (B, C), rows in the micro-batches' order
+    if isinstance(batches[0], slice):
+        return out
+    return out[torch.argsort(torch.cat(batches))]  # back to the rollout's row order
 
 
 def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: SelfPlaySettings,
@@ -65,15 +85,14 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
     rollout, advantages = role.rollout, role.advantages
     n_seq, n_tok = role.counts
     loss_sum, kl_sum, gap_sum, has_gap = 0.0, 0.0, 0.0, 0.0
-    local = 0 if rollout is None else rollout.sequences.shape[0]
     mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
-    batches = micro_batches(local, s.micro_batch_size)
     # Sharded (fsdp): every forward and backward is a collective, so every rank makes the
     # busiest rank's count of passes, and one forward per micro-batch: share_prefix makes one
     # or two depending on the rows (same maths either way, lsp.selfplay.logprobs).
     sharded = fsdp.is_sharded(policy)
-    dummies = fsdp.micro_steps(len(batches)) - len(batches) if sharded else 0
     share_prefix = s.share_prefix and not sharded
+    batches = [] if rollout is None else role_batches(policy, rollout, s, share_prefix)
+    dummies = fsdp.micro_steps(len(batches)) - len(batches) if sharded else 0
     fused_head = s.fused_lm_head and not sharded  # the decoder alone would skip FSDP's root hooks
     for _ in range(dummies):
         with autocast(device, s.amp_dtype):
