@@ -31,7 +31,8 @@ Speed (issue 5, BENCHMARKS.md), none of which changes the maths: `share_prefix` 
 prompt once in the reference and training passes (`lsp.selfplay.logprobs`); `fused_lm_head` computes the
 target log-probs one vocabulary slice at a time, on real tokens only (`lsp.selfplay.lm_head`);
 `reference_prompt_memo` runs the frozen reference over the Challenger's prompt, the same every
-step, once per run (`lsp.selfplay.logprobs.PromptMemo`); the finite-gradient check is
+step, once per run (`lsp.selfplay.logprobs.PromptMemo`); `group_by_length` puts rows of similar
+length in a micro-batch where prompts are not shared (`lsp.selfplay.passes`); the finite-gradient check is
 the gradient norm (one pass); `cpu_allocator` ("heap") serves every block from glibc's heap
 and keeps freed memory, so the step's activations are not page-faulted in again every step (CPU;
 `lsp.selfplay.runtime.configure_cpu_allocator`).
