@@ -13,7 +13,7 @@ AdamW step and the weight push into the engine. Every role and the judge use `--
 
 The models are built from a config with random weights (no download; speed only):
 - the policy / reference: a Llama with Llama-3.2-3B's (or 1B's) layer shapes, bf16 on disk, loaded
-  as the paper config loads it (policy fp32 master weights under bf16 autocast, reference bf16);
+  as the paper config loads it (policy fp32 master weights under bf16 autocast, reference fp32);
 - the reward model: a 1-label Llama sequence classifier of the same shapes, as
   Skywork-Reward-V2-Llama-3.2-3B is.
 - Vocabulary: the embedded SmolLM2 tokenizer's 49,152 tokens (Llama-3's tokenizer is gated on the
@@ -28,8 +28,8 @@ generation seconds; the judge's generation is timed as `self_reward`); the phase
 memory (torch's peak reserved bytes, which vLLM's in-process engine allocates through too, and
 the device's used memory at the end of a step, `torch.cuda.mem_get_info`).
 
-Memory on one GPU (3B, fp32 master weights + AdamW: ~51 GB; reference and reward model bf16:
-~13 GB): each in-process vLLM engine takes `rollout.vllm.gpu_memory_utilization` of the whole
+Memory on one GPU (3B, fp32 master weights + AdamW: ~51 GB; fp32 reference 13 GB, bf16 reward
+model 6 GB): each in-process vLLM engine takes `rollout.vllm.gpu_memory_utilization` of the whole
 GPU (the paper config: 0.12 each; the roles share one engine, the judge on the reference has its
 own), so 3B needs an H200 (141 GB), or `--size 1b` on an 80 GB card. `--override KEY=VALUE` passes
 any further Hydra override.
