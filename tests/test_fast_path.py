@@ -77,23 +77,17 @@ def test_auto_attention_is_grouped_on_cpu(tiny):
     assert fast.config._attn_implementation == "lsp_grouped"
 
 
-def test_fast_path_float32_matches_plain_path(tiny):
+@pytest.mark.parametrize("attention", ["lsp_grouped", "sdpa"])  # CPU default / GPUs
+def test_fast_path_float32_matches_plain_path(tiny, attention):
+    # the shared prompt pass, its repeated KV cache and left-padded rows, under the CPU's grouped
+    # attention and under SDPA's masks (GPUs), give the full rows' numbers
     plain, fast, tok = tiny
+    shared = fast if attention == "lsp_grouped" else plain
+    assert shared.config._attn_implementation == attention
     for r in _rollouts(plain, tok):
         loss0, logp0, grad0 = _loss_and_grad(plain, r, share_prefix=False, amp=None)
-        loss1, logp1, grad1 = _loss_and_grad(fast, r, share_prefix=True, amp=None)
+        loss1, logp1, grad1 = _loss_and_grad(shared, r, share_prefix=True, amp=None)
         torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=0)
-        torch.testing.assert_close(logp1, logp0, atol=1e-5, rtol=0)
-        assert (grad1 - grad0).norm() < 1e-4 * grad0.norm()
-
-
-def test_share_prefix_matches_full_rows_under_sdpa(tiny):
-    # GPUs run transformers' SDPA attention (lsp_grouped is CPU only): the shared prompt pass,
-    # its repeated KV cache and left-padded rows under SDPA's masks give the full rows' numbers
-    plain, _, tok = tiny
-    for r in _rollouts(plain, tok):
-        _, logp0, grad0 = _loss_and_grad(plain, r, share_prefix=False, amp=None)
-        _, logp1, grad1 = _loss_and_grad(plain, r, share_prefix=True, amp=None)
         torch.testing.assert_close(logp1, logp0, atol=1e-5, rtol=0)
         assert (grad1 - grad0).norm() < 1e-4 * grad0.norm()
 
