@@ -43,7 +43,9 @@ def micro_batches(n: int, size: int, lengths: Tensor | None = None) -> list[slic
     counts, so the order changes no sum, only the float rounding)."""
     if lengths is None or n <= size:
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-    order = torch.argsort(lengths, descending=True, stable=True)  # (n,)
+    # on the host: host indices select rows of CUDA tensors too, while CUDA indices cannot
+    # select the host tensors (the advantages)
+    order = torch.argsort(lengths.cpu(), descending=True, stable=True)  # (n,)
     return [order[i : i + size] for i in range(0, n, size)]
 
 
