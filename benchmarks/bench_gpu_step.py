@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_step import phase_seconds  # noqa: E402  (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = "embedded:smollm2-135m-instruct"  # --tokenizer: any model spec or a tokenizer folder
 # Llama-3.2 layer shapes (the models' config.json); `tiny` checks the script on a CPU.
@@ -133,8 +135,7 @@ def _recorder(device: str):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - self.start
             m = module.last_metrics
-            phases = {k[5:-2]: v for k, v in m.items()
-                      if k.startswith("perf/") and k.endswith("_s") and k != "perf/tokens_per_s"}
+            phases = phase_seconds(m)
             gen_s = phases.get("challenger_generation", 0.0) + phases.get("solver_generation", 0.0)
             row = {"seconds": seconds, "generated_tokens": m["perf/generated_tokens"],
                    "generation_tokens_per_s": m["perf/generated_tokens"] / max(gen_s, 1e-9),
@@ -198,7 +199,10 @@ def run_engine(engine: str, args, folder: Path) -> dict:
 
 def summarize(run: dict) -> dict:
     steps = run["steps"]
-    med = lambda key: statistics.median(s[key] for s in steps) if steps else float("nan")  # noqa: E731
+
+    def med(key: str) -> float:
+        return statistics.median(s[key] for s in steps) if steps else float("nan")
+
     out = {"steps": len(steps), "step_s": med("seconds"),
            "generated_tokens": med("generated_tokens"),
            "generation_tokens_per_s": med("generation_tokens_per_s")}

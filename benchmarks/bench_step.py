@@ -220,6 +220,12 @@ def merge_overrides(overrides: list[str], folder: Path) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
+def phase_seconds(metrics: dict[str, float]) -> dict[str, float]:
+    """A step's phase times, from lsp's `perf/<phase>_s` metrics (lsp.selfplay.metrics)."""
+    return {k[5:-2]: v for k, v in metrics.items()
+            if k.startswith("perf/") and k.endswith("_s") and k != "perf/tokens_per_s"}
+
+
 def _lsp_recorder_class():  # lightning is imported in the lsp worker only
     import lightning as L
 
@@ -240,8 +246,7 @@ def _lsp_recorder_class():  # lightning is imported in the lsp worker only
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             seconds = time.perf_counter() - self.start
             m = module.last_metrics
-            phases = {k[5:-2]: v for k, v in m.items()
-                      if k.startswith("perf/") and k.endswith("_s") and k != "perf/tokens_per_s"}
+            phases = phase_seconds(m)
             self.steps.append({
                 "seconds": seconds, "solver_samples": self.solver_rows,
                 "solver_tokens": self.solver_tokens, "tokens": m["perf/generated_tokens"],

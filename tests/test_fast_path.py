@@ -298,6 +298,6 @@ def test_shared_prompts_keep_their_rows_in_order(tiny):
     plain, _, tok = tiny
     s = SelfPlaySettings(micro_batch_size=2, group_by_length=True, share_prefix=True)
     solver = _cut(_rollouts(plain, tok)[1], [2, 12, 3, 11, 12, 1])
-    plain.train()
+    assert plain.training  # a trainable model, not checkpointed: it shares prompts
     assert all(isinstance(mb, slice) for mb in role_batches(plain, solver, s, True))
     assert not all(isinstance(mb, slice) for mb in role_batches(plain, solver, s, False))

@@ -32,10 +32,9 @@ class Rollout:
 
     def to(self, device: torch.device | str) -> Rollout:
         """The same rollout with its tensors on `device` (the training passes' device)."""
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("sequences", "attention_mask", "completion_mask", "truncated")}
-        logprobs = None if self.logprobs is None else self.logprobs.to(device)
-        return dataclasses.replace(self, logprobs=logprobs, **moved)
+        fields = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return dataclasses.replace(self, **{name: value.to(device) for name, value in fields
+                                            if isinstance(value, Tensor)})
 
 
 @dataclass

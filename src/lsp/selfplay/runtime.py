@@ -36,7 +36,7 @@ class PhaseTimer:
 def _synchronize() -> None:
     # CUDA kernels run after their launch returns: without waiting for them at the edges, a
     # phase's GPU time would be charged to the next phase that reads a result (a no-op on CPU)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # False without CUDA, and before its first use
         torch.cuda.synchronize()
 
 
