@@ -450,11 +450,38 @@ def report(summary: dict, mach: dict, loads: tuple, args) -> str:
             rss = s["peak_rss_mb"] / t["peak_rss_mb"]
             lines.append(f"{mine}/{peer} solver samples/s ratio: {ratio:.2f} "
                          f"(peak RSS {mine}/{peer}: {rss:.2f})")
+    lines += target_lines(summary)
     levers = (n for n in ours if n != "lsp" and "lsp" in names)
     for name in levers:  # each lsp variant against lsp as shipped
         lines.append(f"{name}/lsp solver samples/s ratio: "
                      f"{summary[name]['solver_samples_per_s'] / summary['lsp']['solver_samples_per_s']:.2f}")
     return "\n".join(lines)
+
+
+# issue 10's targets: (peer, least Solver samples/s ratio); peak RSS at most the peer's
+TARGETS = (("trl-bf16", 3.0), ("trl-vllm", 1.5))
+WORK = {"lsp-grpo": "TRL's work exactly", "lsp": "TRL's work plus the Challenger's"}
+
+
+def target_lines(summary: dict) -> list[str]:
+    """One verdict line per lsp system of WORK that ran, against each TARGETS peer that ran:
+    `lsp-grpo` is the comparison at equal work; `lsp` (the self-play step) does more."""
+    peers = [(p, least) for p, least in TARGETS if p in summary]
+    mine = [n for n in WORK if n in summary]
+    if not peers or not mine:
+        return []
+    lines = ["targets (Solver samples/s >= "
+             + ", ".join(f"{least:g}x {p}" for p, least in peers)
+             + "; peak RSS <= the peer's):"]
+    for name in mine:
+        parts = []
+        for peer, least in peers:
+            ratio = summary[name]["solver_samples_per_s"] / summary[peer]["solver_samples_per_s"]
+            rss = summary[name]["peak_rss_mb"] / summary[peer]["peak_rss_mb"]
+            ok = ratio >= least and rss <= 1.0
+            parts.append(f"{peer} {ratio:.2f}x, RSS {rss:.2f}: {'met' if ok else 'NOT met'}")
+        lines.append(f"  {name} ({WORK[name]}): " + "; ".join(parts))
+    return lines
 
 
 def orchestrate(args) -> None:
