@@ -31,7 +31,8 @@ the device's used memory at the end of a step, `torch.cuda.mem_get_info`).
 Memory on one GPU (3B, fp32 master weights + AdamW: ~51 GB; fp32 reference 13 GB, bf16 reward
 model 6 GB): each in-process vLLM engine takes `rollout.vllm.gpu_memory_utilization` of the whole
 GPU (the paper config: 0.12 each; the roles share one engine, the judge on the reference has its
-own), so 3B needs an H200 (141 GB), or `--size 1b` on an 80 GB card. `--override KEY=VALUE` passes
+own), so by this arithmetic (an estimate; not measured on a GPU) 3B needs an H200 (141 GB),
+or `--size 1b` on an 80 GB card. `--override KEY=VALUE` passes
 any further Hydra override.
 """
 
@@ -47,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_step import phase_seconds  # noqa: E402  (benchmarks/ is the script's folder)
+from bench_step import median_phases, phase_seconds  # noqa: E402  (benchmarks/ is the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = "embedded:smollm2-135m-instruct"  # --tokenizer: any model spec or a tokenizer folder
@@ -69,31 +70,15 @@ ROPE = {"rope_theta": 500000.0, "max_position_embeddings": 131072, "rms_norm_eps
 def build_models(size: str, cache: Path, device: str, tokenizer: str = TOKENIZER
                  ) -> tuple[Path, Path]:
     """(policy folder, reward-model folder) with random weights, built once per size."""
-    from lsp.models import _atomic_build, _write_marker, load_tokenizer, resolve_model
+    import torch
+
+    from lsp.models import ensure_random_llama, load_tokenizer, resolve_model
 
     tok_path = resolve_model(tokenizer)
-
-    def builder(kind: str):
-        def build(tmp: Path) -> None:
-            import torch
-            from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-            tok = load_tokenizer(tok_path)
-            config = LlamaConfig(
-                vocab_size=len(tok), tie_word_embeddings=True, num_labels=1,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, **SHAPES[size], **ROPE)
-            cls = LlamaForCausalLM if kind == "causal" else LlamaForSequenceClassification
-            torch.manual_seed(0)
-            with torch.device(device):  # initialised where it runs: seconds on a GPU for 3B
-                model = cls(config).to(torch.bfloat16)
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            _write_marker(tmp, {"spec": f"bench-llama-{size}-{kind}", "seed": 0})
-        return build
-
-    return tuple(_atomic_build(cache / f"bench-llama-{size}-{kind}", builder(kind))
-                 for kind in ("causal", "reward"))
+    return tuple(ensure_random_llama(
+        cache / f"bench-llama-{size}-{kind}", kind, lambda: load_tokenizer(tok_path),
+        SHAPES[size] | ROPE, f"bench-llama-{size}-{kind}", dtype=torch.bfloat16, device=device)
+        for kind in ("causal", "reward"))
 
 
 def overrides(args, engine: str, policy: Path, reward: Path) -> list[str]:
@@ -119,6 +104,8 @@ def _recorder(device: str):
     import lightning as L
     import torch
 
+    from lsp.selfplay.runtime import synchronize  # a step's CUDA work inside its time
+
     cuda = device.startswith("cuda")
 
     class Recorder(L.Callback):
@@ -126,13 +113,11 @@ def _recorder(device: str):
             self.steps: list[dict] = []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize()
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            if cuda:
-                torch.cuda.synchronize()
+            synchronize()
             seconds = time.perf_counter() - self.start
             m = module.last_metrics
             phases = phase_seconds(m)
@@ -208,8 +193,7 @@ def summarize(run: dict) -> dict:
            "generation_tokens_per_s": med("generation_tokens_per_s")}
     gaps = [s["logprob_gap"] for s in steps if s["logprob_gap"] is not None]
     out["logprob_gap"] = statistics.median(gaps) if gaps else None  # engines with their own weights
-    phases = sorted({p for s in steps for p in s["phases"]})
-    out["phases_s"] = {p: statistics.median(s["phases"].get(p, 0.0) for s in steps) for p in phases}
+    out["phases_s"] = median_phases(steps)
     for key in ("peak_reserved_gb", "peak_allocated_gb", "device_used_gb"):
         if steps and key in steps[0]:
             out[key] = max(s[key] for s in steps)

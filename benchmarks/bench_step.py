@@ -401,7 +401,6 @@ def median(xs) -> float:
 
 def summarize(runs: list[dict]) -> dict:
     steps = [s for r in runs for s in r["steps"]]
-    phases = sorted({p for s in steps for p in s["phases"]})
     return {
         "steps": len(steps),
         "step_s": median([s["seconds"] for s in steps]),
@@ -412,8 +411,14 @@ def summarize(runs: list[dict]) -> dict:
         "prompt_tokens": median([s["prompt_tokens"] for s in steps]),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "page_faults_k": median([s["page_faults"] / 1000 for s in steps]),
-        "phases_s": {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in phases},
+        "phases_s": median_phases(steps),
     }
+
+
+def median_phases(steps: list[dict]) -> dict[str, float]:
+    """Each phase's median seconds over `steps` (a phase a step lacks counts as 0 there)."""
+    names = sorted({p for s in steps for p in s["phases"]})
+    return {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in names}
 
 
 def report(summary: dict, mach: dict, loads: tuple, args) -> str:

@@ -184,24 +184,36 @@ def byte_level_tokenizer():
 def ensure_tiny(kind: str, cache: Path, seed: int = 0) -> Path:
     if kind not in ("causal", "reward"):
         raise ModelUnavailableError(f"Unknown tiny model 'tiny:{kind}'; use tiny:causal or tiny:reward")
+    shapes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
+    return ensure_random_llama(cache / f"tiny-{kind}", kind, byte_level_tokenizer, shapes,
+                               f"tiny:{kind}", seed)
+
+
+def ensure_random_llama(folder: Path, kind: str, tokenizer, shapes: dict, spec: str,
+                        seed: int = 0, dtype: torch.dtype | None = None,
+                        device: str = "cpu") -> Path:
+    """`folder`, built once: a Llama with random weights (seeded) and the config keys `shapes`,
+    over the vocabulary of `tokenizer()`: a causal LM (`kind` "causal") or a 1-label sequence
+    classifier, i.e. a reward model ("reward"); saved in `dtype` (None: float32), initialised
+    on `device` (seconds on a GPU for a 3B model, minutes on a CPU)."""
 
     def build(tmp: Path) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-        tok = byte_level_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_labels=1,
-        )
+        tok = tokenizer()
+        config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, num_labels=1,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **shapes)
         torch.manual_seed(seed)
         cls = LlamaForCausalLM if kind == "causal" else LlamaForSequenceClassification
-        cls(config).save_pretrained(tmp)
+        with torch.device(device):
+            model = cls(config)
+        (model if dtype is None else model.to(dtype)).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _write_marker(tmp, {"spec": f"tiny:{kind}", "seed": seed})
+        _write_marker(tmp, {"spec": spec, "seed": seed})
 
-    return _atomic_build(cache / f"tiny-{kind}", build)
+    return _atomic_build(folder, build)
 
 
 def load_tokenizer(path: str):

@@ -26,14 +26,14 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str):
-        _synchronize()
+        synchronize()
         start = time.perf_counter()
         yield
-        _synchronize()
+        synchronize()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
     # CUDA kernels run after their launch returns: without waiting for them at the edges, a
     # phase's GPU time would be charged to the next phase that reads a result (a no-op on CPU)
     if torch.cuda.is_initialized():  # False without CUDA, and before its first use
