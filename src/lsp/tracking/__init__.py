@@ -81,8 +81,17 @@ def mark_training(client, exp_id: str) -> None:
     """Tag the experiment as a training one (once; also for the Lightning logger, BufferedMLFlowLogger below)."""
     tags = client.get_experiment(exp_id).tags
     for key, value in EXPERIMENT_KIND.items():
-        if tags.get(key) != value:
+        if tags.get(key) == value:
+            continue
+        try:
             client.set_experiment_tag(exp_id, key, value)
+        except Exception:
+            # The parallel jobs of a sweep (hydra/launcher=local_parallel, one SQLite store) tag
+            # the new experiment at the same moment: both find the tag missing, both insert it,
+            # and the second insert fails on the store's unique key ("UNIQUE constraint failed:
+            # experiment_tags.key, ..."). The tag is then there, with this value: nothing lost.
+            if client.get_experiment(exp_id).tags.get(key) != value:
+                raise
 
 
 def run_tags(logger_cfg: Mapping, tags: Mapping[str, str] | None = None) -> dict[str, str]:
