@@ -63,3 +63,20 @@ def test_parallel_local_sweep_keeps_the_sweep_tags(tmp_path):
     assert len([r for r in runs if r.data.tags.get("sweep_summary") == "true"]) == 1
     launched = (sweep_dir / "multirun.yaml").read_text()  # the sweep ran under joblib, 2 at once
     assert "JoblibLauncher" in launched and "n_jobs: 2" in launched
+
+
+def test_the_sweep_creates_and_tags_the_experiment_before_its_jobs(tmp_path):
+    # parallel jobs then find the experiment and its training tag in place: none of them inserts
+    # the tag (two inserts at once fail on the store's unique key; lsp.tracking.mark_training)
+    from omegaconf import OmegaConf
+
+    from lsp.study.sweep import SweepSummary
+    from lsp.tracking import EXPERIMENT_KIND
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = OmegaConf.create({"logger": {"tracking_uri": uri, "experiment_name": "sweep",
+                                          "artifact_location": str(tmp_path / "artifacts")}})
+    for _ in range(2):  # and again on a store that has it
+        SweepSummary().on_multirun_start(config)
+    tags = MlflowClient(uri).get_experiment_by_name("sweep").tags
+    assert {k: tags.get(k) for k in EXPERIMENT_KIND} == EXPERIMENT_KIND

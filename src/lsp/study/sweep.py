@@ -16,6 +16,8 @@ import mlflow
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 
+from lsp.tracking import mark_training
+
 log = logging.getLogger(__name__)
 DEFAULT_CURVES = ("kl/challenger", "kl/solver", "solver/reward_mean")
 
@@ -154,13 +156,17 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         """Create the tracking store and the experiment once, before any job starts: parallel
         jobs (hydra/launcher=local_parallel) would otherwise race to create the SQLite schema
-        ("table already exists") and the experiment."""
+        ("table already exists"), the experiment and its tags (a duplicate-key insert)."""
         lg = config.logger
         client = MlflowClient(lg.tracking_uri)
-        if client.get_experiment_by_name(lg.experiment_name) is None:
+        experiment = client.get_experiment_by_name(lg.experiment_name)
+        if experiment is None:
             location = lg.artifact_location
-            client.create_experiment(lg.experiment_name, artifact_location=(
+            exp_id = client.create_experiment(lg.experiment_name, artifact_location=(
                 Path(location).resolve().as_uri() if location else None))
+        else:
+            exp_id = experiment.experiment_id
+        mark_training(client, exp_id)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
