@@ -12,7 +12,7 @@ import inspect
 import typing
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, TypeAdapter, ValidationError
+from pydantic import AfterValidator, StrictInt, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 from lsp.errors import InputError
@@ -33,6 +33,7 @@ def rule(ok, why: str) -> AfterValidator:
             raise PydanticCustomError("lsp_rule", why)
         return value
 
+    check.why = why  # the configuration reference prints it as the allowed values
     return AfterValidator(check)
 
 
@@ -40,8 +41,10 @@ def choice(*options) -> Any:
     return Annotated[Any, rule(lambda v: v in options, f"expected one of {list(options)}")]
 
 
-PosInt = Annotated[int, rule(lambda v: v >= 1, "must be >= 1")]
-NonNegInt = Annotated[int, rule(lambda v: v >= 0, "must be >= 0")]
+# Integer keys are strict: a float (`max_new_tokens=1e9` on the command line is one) or a bool is
+# refused at the boundary rather than coerced, so the code never meets a float where it counts.
+PosInt = Annotated[StrictInt, rule(lambda v: v >= 1, "must be >= 1")]
+NonNegInt = Annotated[StrictInt, rule(lambda v: v >= 0, "must be >= 0")]
 PosFloat = Annotated[float, rule(lambda v: v > 0, "must be > 0")]
 NonNegFloat = Annotated[float, rule(lambda v: v >= 0, "must be >= 0")]
 Name = Annotated[str, rule(lambda v: bool(v.strip()), "must be a non-empty string")]
@@ -146,9 +149,11 @@ def _check_type(value, annotation, key: str) -> None:
     except Exception:  # an annotation pydantic cannot check (a tensor, a module): skipped
         return
     try:
-        adapter.validate_python(value)
+        checked = adapter.validate_python(value)
     except ValidationError as err:
         raise _key_error(key, f"={value!r}: {err.errors()[0]['msg']}") from None
+    if isinstance(value, float) and type(checked) is int:  # a plain `int` parameter coerced 1e9
+        raise _key_error(key, f"={value!r}: Input should be a valid integer, not a float")
 
 
 def _key_error(key: str, text: str) -> PydanticCustomError:
