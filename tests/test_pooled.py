@@ -187,3 +187,28 @@ def test_three_seeds_by_541_prompts_in_well_under_a_second():
 def test_no_seed_is_no_estimate():
     out = P.pooled({})
     assert out["n_seeds"] == 0 and out["estimate"] is None and out["ci95"] is None
+
+
+# ---- the training signal per reward component (lsp.selfplay.metrics) -------------------------
+def test_reward_components_log_their_within_group_std():
+    import torch
+
+    from lsp.selfplay.metrics import group_std, reward_metrics
+    from lsp.selfplay.records import QueryCheck, SelfPlayBatch
+
+    rewards = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # (Nv=2, G=2): group stds 1 and 0
+    sp = SelfPlayBatch(step=1, challenger=None,
+                       check=QueryCheck(["q1", "q2"], torch.tensor([True, True]), ["", ""]),
+                       rewards=rewards, solver_reward=rewards + torch.tensor([[0.0, 2.0]] * 2),
+                       self_rewards=torch.tensor([[5.0, 5.0], [4.0, 6.0]]),
+                       solver_advantages=torch.zeros(2, 2),
+                       reward_components={"judge": torch.tensor([[0.0, 4.0], [1.0, 1.0]]),
+                                          "constraints": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
+    out = reward_metrics(sp)
+    assert group_std(rewards) == pytest.approx(0.5)  # (1 + 0) / 2
+    assert out["solver/reward_group_std"] == pytest.approx(0.5)
+    # total [[1, 5], [2, 4]]: stds 2, 1 -> 1.5; the overall std would count between groups too
+    assert out["solver/total_reward_group_std"] == pytest.approx(1.5)
+    assert out["reward/judge_group_std"] == pytest.approx(1.0)  # (2 + 0) / 2
+    assert out["reward/constraints_group_std"] == pytest.approx(0.5)  # (0.5 + 0.5) / 2
+    assert out["self_reward/group_std"] == pytest.approx(0.5)  # (0 + 1) / 2

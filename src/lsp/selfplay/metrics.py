@@ -13,6 +13,13 @@ def _mean_std(x: torch.Tensor, prefix: str) -> dict[str, float]:
     return {f"{prefix}_mean": x.mean().item(), f"{prefix}_std": x.std(correction=0).item()}
 
 
+def group_std(x: torch.Tensor) -> float:
+    """x (Nv, G), one row per answered query: the mean over queries of the population std within
+    the query's group, the spread a group baseline leaves to learn from (the report's "which
+    signal drives training"). An overall std also counts the spread between queries."""
+    return x.float().std(dim=1, correction=0).mean().item()
+
+
 def rollout_metrics(sp: SelfPlayBatch) -> dict[str, float]:
     out = {"rollout/invalid_queries": float((~sp.check.valid).sum()), "rollout/answer_len_mean": 0.0}
     if sp.challenger is not None:  # None: queries from a prompt file (GRPO)
@@ -36,15 +43,19 @@ def reward_metrics(sp: SelfPlayBatch) -> dict[str, float]:
     out |= _mean_std(sp.rewards, "solver/reward")
     out |= _mean_std(sp.solver_reward, "solver/total_reward")
     out["solver/advantage_abs_mean"] = sp.solver_advantages.abs().mean().item()
+    out["solver/reward_group_std"] = group_std(sp.rewards)
+    out["solver/total_reward_group_std"] = group_std(sp.solver_reward)
     # Groups whose answers all scored the same carry no Solver learning signal.
     zero_std = sp.rewards.std(dim=1, correction=0) < 1e-6
     out["rollout/frac_zero_std_groups"] = zero_std.float().mean().item()
     out["judge/parse_failures"] = float(sp.judge_failures)
     for name, values in sp.reward_components.items():  # a composite reward's parts, unweighted
         out[f"reward/{name}_mean"] = values.float().mean().item()
+        out[f"reward/{name}_group_std"] = group_std(values)
     if sp.self_rewards is not None:
         out["self_reward/mean"] = sp.self_rewards.mean().item()
         out["self_reward/std"] = sp.self_rewards.std(correction=0).item()
+        out["self_reward/group_std"] = group_std(sp.self_rewards)
     return out
 
 
