@@ -1,5 +1,6 @@
-"""DVC stage `generate@<arm>` / `generate_base`: AlpacaEval outputs (temperature 0.01) of an arm's
-selected checkpoint, or of the base model -> artifacts/generate/<name>/model_outputs.json."""
+"""DVC stage `generate@<arm>-<seed>` / `generate_base@<seed>`: AlpacaEval outputs (temperature
+0.01, the run's seed) of a run's selected checkpoint, or of the base model under a seed
+-> artifacts/generate/<run>/model_outputs.json (the base's run is `base-<seed>`)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,26 @@ import sys
 from lsp.errors import exit_on_input_error
 from lsp.evaluation.alpaca import generate_only
 from lsp.evaluation.selection import chosen_path
-from lsp.study.params import BASE_MODEL, eval_config, generate_dir, load_params, select_dir
+from lsp.study.params import (
+    BASE_MODEL,
+    eval_config,
+    generate_dir,
+    load_params,
+    run_name,
+    select_dir,
+)
 
 
 @exit_on_input_error
-def main(name: str) -> None:
+def main(arm: str, seed: int) -> None:
     params = load_params()
-    spec = str(BASE_MODEL) if name == "base" else chosen_path(select_dir(name) / "selection.json")[0]
-    cfg = eval_config(params, name)
-    cfg.out_dir = str(generate_dir(name))  # model_outputs/<name>.json beside the store
-    outputs = generate_only(cfg, spec, name)
-    print(f"{len(outputs)} outputs of {spec} -> {generate_dir(name)}")
+    run = run_name(arm, seed)
+    spec = str(BASE_MODEL) if arm == "base" else chosen_path(select_dir(run) / "selection.json")[0]
+    cfg = eval_config(params, run)
+    cfg.out_dir = str(generate_dir(run))  # model_outputs/<run>.json beside the store
+    outputs = generate_only(cfg, spec, run)
+    print(f"{len(outputs)} outputs of {spec} -> {generate_dir(run)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

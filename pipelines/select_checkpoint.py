@@ -1,6 +1,7 @@
-"""DVC stage `select@<arm>`: choose the arm's checkpoint by the mean training reward of its
-Solver answers on the project's own validation prompts -> artifacts/select/<arm>/selection.json
-and metrics/select/<arm>.json (the chosen step and its reward: DVC metrics).
+"""DVC stage `select@<arm>-<seed>`: choose the run's checkpoint by the mean training reward of its
+Solver answers on the project's own validation prompts (their constraints drawn with the study's
+fixed `seed`, the same for every run) -> artifacts/select/<arm>-<seed>/selection.json and
+metrics/select/<arm>-<seed>.json (the chosen step and its reward: DVC metrics).
 (Not named select.py: a script's folder comes first on sys.path and would shadow stdlib select.)"""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from lsp.evaluation.selection import select
 from lsp.study.params import (
     load_params,
     metrics_file,
+    run_name,
     select_dir,
     study_logger,
     train_config,
@@ -22,13 +24,14 @@ from lsp.study.params import (
 
 
 @exit_on_input_error
-def main(arm: str) -> None:
+def main(arm: str, seed: int) -> None:
     params = load_params()
-    trained = train_config(params, arm)  # the same (prepared) model and reward the arm trained with
+    run = run_name(arm, seed)
+    trained = train_config(params, arm, seed)  # the same (prepared) model and reward the run trained with
     cfg = OmegaConf.create({
-        "model": trained.model, "reward": trained.reward, "logger": study_logger(params, arm, "select"),
-        "run_dir": str(train_dir(arm)), "out_dir": str(select_dir(arm)),
-        "metrics_file": str(metrics_file("select", arm)), "reward_from_run": False,
+        "model": trained.model, "reward": trained.reward, "logger": study_logger(params, run, "select"),
+        "run_dir": str(train_dir(run)), "out_dir": str(select_dir(run)),
+        "metrics_file": str(metrics_file("select", run)), "reward_from_run": False,
         "validation_prompts": None, "include_base": params.select.include_base,
         "generation": params.select.generation, "device": params.device, "seed": params.seed,
     })
@@ -36,4 +39,4 @@ def main(arm: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

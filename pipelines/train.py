@@ -1,6 +1,7 @@
-"""DVC stage `train@<arm>`: self-play training of one study arm into artifacts/train/<arm>/
-(checkpoints/, history.csv for the DVC plots, samples.jsonl, details.json: the last step's
-metrics) and metrics/train/<arm>.json (the curated DVC metrics, lsp.headline)."""
+"""DVC stage `train@<arm>-<seed>`: training of one study arm under one seed into
+artifacts/train/<arm>-<seed>/ (checkpoints/, history.csv for the DVC plots, samples.jsonl,
+details.json: the last step's metrics) and metrics/train/<arm>-<seed>.json (the curated DVC
+metrics, lsp.headline)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lsp.study.params import (
     mark_complete,
     metrics_file,
     resume_or_clear,
+    run_name,
     study_logger,
     train_config,
     train_dir,
@@ -24,20 +26,20 @@ from lsp.train import train
 
 
 @exit_on_input_error
-def main(arm: str) -> None:
+def main(arm: str, seed: int) -> None:
     params = load_params()
-    cfg = train_config(params, arm)
+    cfg, run = train_config(params, arm, seed), run_name(arm, seed)
     # a DVC rerun after a kill resumes (same config and code); any other rerun starts afresh
-    cfg.resume = resume_or_clear(cfg, arm)
-    cfg.logger = study_logger(params, arm, "train", new_parent=not cfg.resume)
+    cfg.resume = resume_or_clear(cfg, run)
+    cfg.logger = study_logger(params, run, "train", new_parent=not cfg.resume)
     result = train(cfg)
     details = {k: v for k, v in result["metrics"].items()
-               if k.split("/")[0] in ("solver", "challenger", "self_reward", "kl", "rollout")}
-    atomic_write_json(train_dir(arm) / "details.json", {**details, "global_step": result["global_step"]})
-    publish_figures(headline.train_figures(read_history(train_dir(arm) / "history.csv")),
-                    metrics_file("train", arm), cfg.logger, "train")
-    mark_complete(arm)
+               if k.split("/")[0] in ("solver", "challenger", "self_reward", "kl", "rollout", "reward")}
+    atomic_write_json(train_dir(run) / "details.json", {**details, "global_step": result["global_step"]})
+    publish_figures(headline.train_figures(read_history(train_dir(run) / "history.csv")),
+                    metrics_file("train", run), cfg.logger, "train")
+    mark_complete(run)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

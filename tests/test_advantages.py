@@ -5,6 +5,7 @@ import torch
 
 from lsp.selfplay.advantages import (
     challenger_advantages,
+    invalid_margin,
     lsp_advantages,
     selfplay_advantages,
     solver_advantages,
@@ -118,7 +119,8 @@ MIXED_REWARDS = torch.tensor([[1.0, 3.0], [6.0, 8.0]])
 
 
 def test_selfplay_advantages_penalize_mixed_batch():
-    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, invalid_query="penalize")
+    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, invalid_query="penalize",
+                              margin_scale="absolute")
     # Solver: group means 2 and 7 -> [[-1, 1], [-1, 1]]
     torch.testing.assert_close(out.solver, torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
     # Challenger reward -V: valid [-2, -7]; invalid ones: min(-2, -7) - 1 = -8
@@ -129,7 +131,8 @@ def test_selfplay_advantages_penalize_mixed_batch():
 
 
 def test_selfplay_advantages_skip_mixed_batch():
-    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, invalid_query="skip")
+    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, invalid_query="skip",
+                              margin_scale="absolute")
     torch.testing.assert_close(out.solver, torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
     # valid Challenger rewards [-2, -7], mean -4.5 -> [2.5, -2.5]; invalid ones: advantage 0
     # (their recorded reward is the same min - 1 = -8, outside the baseline)
@@ -139,12 +142,31 @@ def test_selfplay_advantages_skip_mixed_batch():
 
 def test_selfplay_advantages_with_self_reward_mixed_batch():
     self_rewards = torch.tensor([[4.0, 6.0], [0.0, 2.0]])
-    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, self_rewards, 0.5, invalid_query="penalize")
+    out = selfplay_advantages(MIXED_REWARDS, MIXED_VALID, self_rewards, 0.5, invalid_query="penalize",
+                              margin_scale="absolute")
     # Solver reward R + 0.5 R_Q = [[3, 6], [6, 9]]; group means 4.5, 7.5 -> [[-1.5, 1.5], [-1.5, 1.5]]
     torch.testing.assert_close(out.solver, torch.tensor([[-1.5, 1.5], [-1.5, 1.5]]))
     # Challenger -V + 0.5 V_Q: [-2 + 2.5, -7 + 0.5] = [0.5, -6.5]; invalid: -6.5 - 1 = -7.5
     # -> [0.5, -7.5, -6.5, -7.5], mean -21 / 4 = -5.25 -> [5.75, -2.25, -1.25, -2.25]
     torch.testing.assert_close(out.challenger, torch.tensor([5.75, -2.25, -1.25, -2.25]))
+
+
+def test_invalid_margin_in_units_of_the_reward_spread():
+    """The default margin (issue 35): invalid_margin x the population std of the valid Solver
+    rewards. Rewards [[1, 1], [3, 3]]: mean 2, deviations +-1, std 1; Challenger -V = [-1, -3];
+    margin 2 -> an invalid query's reward is -3 - 2 x 1 = -5."""
+    rewards, valid = torch.tensor([[1.0, 1.0], [3.0, 3.0]]), MIXED_VALID
+    assert invalid_margin(rewards, 2.0, "spread") == pytest.approx(1.0 * 2.0)
+    assert invalid_margin(rewards * 10, 2.0, "spread") == pytest.approx(20.0)  # scales with R
+    assert invalid_margin(rewards * 10, 2.0, "absolute") == 2.0  # the old rule does not
+    out = selfplay_advantages(rewards, valid, margin=2.0)  # spread is the default
+    torch.testing.assert_close(out.challenger_reward, torch.tensor([-1.0, -5.0, -3.0, -5.0]))
+    # mean -14 / 4 = -3.5 -> [2.5, -1.5, 0.5, -1.5]
+    torch.testing.assert_close(out.challenger, torch.tensor([2.5, -1.5, 0.5, -1.5]))
+    # every answer scored the same: no spread, the invalid query ties with the worst valid one
+    assert invalid_margin(torch.ones(2, 2), 1.0) == 0.0
+    with pytest.raises(ValueError, match="relative"):
+        invalid_margin(rewards, 1.0, "relative")
 
 
 def test_selfplay_advantages_all_valid_equals_lsp_advantages():

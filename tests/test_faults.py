@@ -44,9 +44,10 @@ def test_judge_output_fuzz_never_crashes_and_counts_fallbacks():
     """1,000 outputs through the self-reward's parsing and fallback (`quality_scores`, what
     QualitySelfReward's generate mode runs on the judge's texts): no exception, every value
     finite and in [0, 7], `parse_failed` exactly where `parse_quality_score` found no score in
-    range, and the documented fallback (batch_mean: mean of the parsed rows) on those rows."""
+    range, and the documented fallback (group_mean: mean of the parsed rows, one group here) on
+    those rows."""
     texts = fuzz_outputs(1000)
-    out = quality_scores(texts, QUALITY_MAX_SCORE, "batch_mean")
+    out = quality_scores(texts, QUALITY_MAX_SCORE, "group_mean")
     assert isinstance(out, RewardOutput) and out.values.shape == (1000,)
     assert torch.isfinite(out.values).all()
     assert ((out.values >= 0) & (out.values <= QUALITY_MAX_SCORE)).all()
@@ -62,11 +63,11 @@ def test_judge_output_fuzz_never_crashes_and_counts_fallbacks():
     assert parse_quality_score("<Score>9</Score> <Score>3</Score>") == 3
 
 
-@pytest.mark.parametrize("fallback", ["batch_mean", "midpoint", "zero"])
+@pytest.mark.parametrize("fallback", ["group_mean", "midpoint", "zero"])
 def test_judge_fallback_when_nothing_parses(fallback):
     out = quality_scores(["", "no score", "<Score>99"], QUALITY_MAX_SCORE, fallback)
     assert out.parse_failed.all()
-    expected = {"batch_mean": 3.5, "midpoint": 3.5, "zero": 0.0}[fallback]  # documented values
+    expected = {"group_mean": 3.5, "midpoint": 3.5, "zero": 0.0}[fallback]  # documented values
     assert out.values.tolist() == [expected] * 3
 
 

@@ -21,17 +21,25 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("overrides", [[], ["baselines=grpo"]])
+@pytest.mark.parametrize("overrides", [[], ["study=smoke"]])
 def test_stage_commands_and_deps_point_at_existing_files(tmp_path, overrides):
-    """dvc.yaml resolved against params.yaml composed as committed and with the GRPO arms."""
+    """dvc.yaml resolved against params.yaml composed as the default and the smoke study: one
+    stage per arm x seed, the base per seed."""
     shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "pipeline", "", overrides)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     with Repo(str(tmp_path)) as repo:
         stages = list(repo.index.stages)
-    expected = {"prepare", "train", "select", "generate", "score", "ifeval_base", "ifeval", "report"}
-    assert {s.name.split("@")[0] for s in stages} >= expected | ({"prompts"} if overrides else set())
+    expected = {"prepare", "prompts", "train", "select", "generate", "generate_base", "score",
+                "ifeval_base", "ifeval", "report"}
+    assert {s.name.split("@")[0] for s in stages} == expected
+    seeds = [0, 1] if overrides else [0, 1, 2]
+    runs = {f"{a}-{s}" for a in ("lsp", "lsp_zero", "grpo") for s in seeds}
+    for kind in ("train", "select", "generate", "score", "ifeval"):
+        assert {s.name.split("@")[1] for s in stages if s.name.startswith(kind + "@")} == runs
+    for kind in ("generate_base", "ifeval_base"):
+        assert {s.name for s in stages if s.name.startswith(kind + "@")} == {f"{kind}@{s}" for s in seeds}
     for stage in stages:
         script = stage.cmd.split()[1]
         assert (REPO / script).is_file(), f"{stage.name}: {script} missing"
@@ -71,39 +79,34 @@ def clean_copy(tmp_path):
     return tmp_path
 
 
+RUNS = tuple(f"{a}-{s}" for a in ("lsp", "lsp_zero", "grpo") for s in (0, 1))
+
+
 @pytest.mark.slow
 def test_smoke_study_end_to_end(clean_copy):
-    smoke = ["study=smoke", "baselines=grpo"]  # every arm: base, LSP-Zero, LSP, GRPO, LSP-then-GRPO
+    """The whole seed and control structure at tiny size: 3 arms (LSP, LSP-Zero, the GRPO data
+    control) x 2 seeds, the base under each seed, per-seed and pooled rows in the report, the
+    DVC metrics and MLflow."""
+    smoke = ["study=smoke"]
     _run([str(BIN / "python"), "pipelines/compose_params.py", *smoke], clean_copy)
     first = _run([str(BIN / "dvc"), "repro"], clean_copy)
-    arms = ("lsp", "lsp_zero", "grpo", "lsp_grpo")
-    assert {"prepare", "prompts@grpo", "report"} | {f"train@{a}" for a in arms} <= _ran(first)
+    assert {"prepare", "prompts", "report"} | {f"train@{r}" for r in RUNS} <= _ran(first)
     report = clean_copy / "artifacts/report/report.md"
     assert report.is_file() and (clean_copy / "artifacts/report/training_curves.png").is_file()
-    assert all(f"| {a} " in report.read_text() for a in arms)
-    # IFEval for the base and every arm: DVC metrics, per-prompt records, the report's table
-    assert {"ifeval_base"} | {f"ifeval@{a}" for a in arms} <= _ran(first)
-    for name in ("base", *arms):
+    assert all(f"| {r} " in report.read_text() for r in RUNS)
+    # IFEval for the base under each seed and every run: DVC metrics, per-prompt records, the report
+    assert {"ifeval_base@0", "ifeval_base@1"} | {f"ifeval@{r}" for r in RUNS} <= _ran(first)
+    for name in ("base-0", "base-1", *RUNS):
         m = json.loads((clean_copy / f"metrics/ifeval/{name}.json").read_text())
         assert 0 <= m["prompt_loose"] <= 100
-        assert (name == "base") != ({"delta", "p"} <= set(m))
+        assert name.startswith("base") != ({"delta", "p"} <= set(m))
         details = json.loads((clean_copy / f"artifacts/ifeval/{name}/details.json").read_text())
         assert details["n_prompts"] == 6 and round(100 * details["prompt_level_loose"], 1) == m["prompt_loose"]
         assert len(_lines(clean_copy / f"artifacts/ifeval/{name}/records.jsonl")) == 6
     assert "## Results: IFEval" in report.read_text()
-    check_curated_metrics(clean_copy, arms)
-    check_study_runs(clean_copy, arms, "workspace")
-    prompts = (clean_copy / "artifacts/prompts/grpo.jsonl").read_text().splitlines()
-    assert len(prompts) == 64  # the example set, none of it in AlpacaEval
-    grpo_queries = {json.loads(r)["query"] for r in _lines(clean_copy / "artifacts/train/grpo/samples.jsonl")}
-    # each a prompt of the set, with the constraint environment's instructions appended (the
-    # study's reward, judge_constraints, is every arm's)
-    instructions = [json.loads(p)["instruction"] for p in prompts]
-    assert grpo_queries and all(any(q.startswith(i.rstrip() + "\n\n") for i in instructions)
-                                for q in grpo_queries)
-    chosen = json.loads((clean_copy / "artifacts/select/lsp/selection.json").read_text())["chosen"]
-    started = OmegaConf.load(clean_copy / "artifacts/train/lsp_grpo/config.yaml")
-    assert started.model.policy == started.model.reference == chosen["path"]
+    check_curated_metrics(clean_copy, RUNS)
+    check_study_runs(clean_copy, RUNS, "workspace")
+    check_control_arm(clean_copy)
 
     second = _run([str(BIN / "dvc"), "repro"], clean_copy)
     assert _ran(second) == set(), second
@@ -113,16 +116,31 @@ def test_smoke_study_end_to_end(clean_copy):
     third = _run([str(BIN / "dvc"), "exp", "run", *sets], clean_copy)
     diff = _run([str(BIN / "dvc"), "params", "diff", "--all"], clean_copy)
     assert re.search(r"arms\.lsp\.algo\.beta\s+0\.05\s+0\.1", diff), diff
-    # LSP and everything after it, the continuation from LSP's checkpoint included; nothing else
-    assert {"train@lsp", "select@lsp", "train@lsp_grpo", "score@lsp_grpo", "report"} <= _ran(third)
-    assert not {"prepare", "prompts@grpo", "train@lsp_zero", "train@grpo", "generate_base"} & _ran(third)
+    # LSP under both seeds and everything after it; nothing else
+    assert {"train@lsp-0", "train@lsp-1", "select@lsp-1", "score@lsp-0", "report"} <= _ran(third)
+    assert not {"prepare", "prompts", "train@lsp_zero-0", "train@grpo-1", "generate_base@0"} & _ran(third)
     exp = _run([str(BIN / "dvc"), "exp", "ls", "--name-only"], clean_copy).split()
     assert len(exp) == 1, exp
-    check_study_runs(clean_copy, ("lsp", "lsp_grpo"), exp[0])
+    check_study_runs(clean_copy, ("lsp-0", "lsp-1"), exp[0])
     # the README's comparison of experiments on one figure fits a terminal
     shown = _run([str(BIN / "dvc"), "exp", "show", "--drop", ".*", "--keep",
-                  r"Experiment|^algo.beta$|.*ifeval/lsp(_zero)?.json:prompt_strict$"], clean_copy)
+                  r"Experiment|^algo.beta$|.*ifeval/lsp(_zero)?-0.json:prompt_strict$"], clean_copy)
     assert shown.count(":prompt_strict") == 2 and max(map(len, shown.splitlines())) <= METRICS_WIDTH, shown
+
+
+def check_control_arm(root: Path) -> None:
+    """The data control trains on the cleaned prompt set, with the constraint environment's
+    instructions appended as for the self-play arms (the study's reward is every arm's)."""
+    prompts = _lines(root / "artifacts/queries/grpo.jsonl")
+    assert len(prompts) == 784  # conf/prompts/train_instructions.jsonl, none overlapping an eval set
+    instructions = [json.loads(p)["instruction"] for p in prompts]
+    for run in ("grpo-0", "grpo-1"):
+        queries = {json.loads(r)["query"] for r in _lines(root / f"artifacts/train/{run}/samples.jsonl")}
+        assert queries and all(any(q.startswith(i.rstrip() + "\n\n") for i in instructions)
+                               for q in queries)
+    started = OmegaConf.load(root / "artifacts/train/grpo-1/config.yaml")
+    assert started.model.policy == started.model.reference == "artifacts/base/model"
+    assert started.seed == 1 and started.algo.name == "grpo"
 
 
 METRICS_WIDTH = 160  # "a normal terminal" (the README shows these tables)
@@ -135,7 +153,8 @@ def check_curated_metrics(root: Path, arms: tuple[str, ...]) -> None:
     header = lines[0].split()
     assert header == ["Path", "delta", "kl", "lc_win_rate", "p", "prompt_loose",
                       "prompt_strict", "reward", "step", "win_rate", "win_se"], shown
-    assert len(lines) == 1 + 4 * len(arms) + 1  # train, select, alpaca_eval, ifeval per arm; base
+    # train, select, alpaca_eval, ifeval per run; the base per seed; the pooled figures
+    assert len(lines) >= 1 + 4 * len(arms) + 2
     assert max(map(len, lines)) <= METRICS_WIDTH, shown
     lc = json.loads((root / f"metrics/alpaca_eval/{arms[0]}.json").read_text())["lc_win_rate"]
     assert lc == "needs the hub (offline)"  # a short reason (the hub is off here), not a traceback
@@ -166,10 +185,12 @@ def check_study_runs(root: Path, arms: tuple[str, ...], exp: str) -> None:
             assert r.data.tags["lsp.study"] == "smoke" and r.data.tags["lsp.git_commit"] == commit
         assert {"train/reward", "select/step", "alpaca_eval/win_rate", "ifeval/prompt_strict"} <= set(parent.data.metrics)
     if exp == "workspace":
-        base = [r for r in runs if r.data.tags.get("lsp.arm") == "base" and r.data.tags.get("lsp.role") == "parent"]
-        assert len(base) == 1
-        nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == base[0].info.run_id]
-        assert [r.data.tags["lsp.stage"] for r in nested] == ["ifeval"]
+        for seed in (0, 1):
+            base = [r for r in runs if r.data.tags.get("lsp.arm") == f"base-{seed}"
+                    and r.data.tags.get("lsp.role") == "parent"]
+            assert len(base) == 1
+            nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == base[0].info.run_id]
+            assert [r.data.tags["lsp.stage"] for r in nested] == ["ifeval"]
 
 
 def _lines(path: Path) -> list[str]:
@@ -213,8 +234,7 @@ def test_every_stage_depends_on_the_lsp_code_it_imports(tmp_path):
     imports, directly or through other modules (a file, or a folder holding it)."""
     shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "pipeline", "",
-                     ["baselines=grpo"])
+    compose_and_dump(tmp_path / "params.yaml", str(REPO / "conf"), None, "pipeline", "", [])
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     with Repo(str(tmp_path)) as repo:
         stages = list(repo.index.stages)

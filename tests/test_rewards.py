@@ -80,14 +80,58 @@ def test_score_mass_hand_computed():
 def test_fill_unparsed_modes():
     values = torch.tensor([2.0, 0.0, 6.0, 0.0])
     parsed = torch.tensor([True, False, True, False])
-    # batch mean of parsed rows (2 + 6) / 2 = 4; midpoint 7 / 2 = 3.5
-    assert fill_unparsed(values, parsed, "batch_mean", 7).tolist() == [2.0, 4.0, 6.0, 4.0]
+    # one group: mean of parsed rows (2 + 6) / 2 = 4; midpoint 7 / 2 = 3.5
+    assert fill_unparsed(values, parsed, "group_mean", 7).tolist() == [2.0, 4.0, 6.0, 4.0]
     assert fill_unparsed(values, parsed, "midpoint", 7).tolist() == [2.0, 3.5, 6.0, 3.5]
     assert fill_unparsed(values, parsed, "zero", 7).tolist() == [2.0, 0.0, 6.0, 0.0]
     none = torch.zeros(4, dtype=torch.bool)
-    assert fill_unparsed(values, none, "batch_mean", 7).tolist() == [3.5] * 4
+    assert fill_unparsed(values, none, "group_mean", 7).tolist() == [3.5] * 4
     with pytest.raises(ValueError):
         fill_unparsed(values, parsed, "median", 7)
+
+
+def test_group_mean_fallback_uses_the_failed_rows_own_group():
+    """Issue 35 review: a group [6, 6, 6, fail] beside a group [0, 0, 0, 0] (batch mean of the
+    parsed rows 3) must become [6, 6, 6, 6], so the failure adds nothing to its group's
+    advantages; the old batch mean gave [6, 6, 6, 3], i.e. advantages +0.75 x 3 and -2.25."""
+    from lsp.selfplay.advantages import solver_advantages
+
+    values = torch.tensor([6.0, 6.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    parsed = torch.tensor([True, True, True, False, True, True, True, True])
+    filled = fill_unparsed(values, parsed, "group_mean", 7, group_size=4)
+    assert filled.tolist() == [6.0, 6.0, 6.0, 6.0, 0.0, 0.0, 0.0, 0.0]
+    assert solver_advantages(filled.view(2, 4)).abs().max().item() == 0.0
+    # a group with no parsed row gets the midpoint, whatever the other groups hold
+    nothing = torch.tensor([False] * 4 + [True] * 4)
+    assert fill_unparsed(values, nothing, "group_mean", 7, group_size=4)[:4].tolist() == [3.5] * 4
+    # the same rows split over two processes (one group each) give the same values
+    halves = [fill_unparsed(values[i:i + 4], parsed[i:i + 4], "group_mean", 7, 4) for i in (0, 4)]
+    assert torch.equal(torch.cat(halves), filled)
+    with pytest.raises(ValueError, match="groups of 3"):
+        fill_unparsed(values, parsed, "group_mean", 7, group_size=3)
+
+
+def test_generate_mode_decodes_with_the_configured_engine(tmp_path):
+    """Issue 35 review: `engine=hf` reached the judge's engine but not its SamplingConfig, so our
+    own loop decoded anyway, and failed on a model it cannot decode ("use engine: hf"). Here the
+    judge's model hides its KV-cache argument (as a model outside transformers' causal LMs
+    would): the lsp loop refuses it, HF generate decodes it."""
+    from transformers import LlamaForCausalLM
+
+    from lsp.engines import EngineUnavailableError
+
+    class NoCacheArgument(LlamaForCausalLM):  # forward(**kwargs): no KV-cache / logits_to_keep
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    own = ModelPool(cache_dir=tmp_path)
+    own.causal_lm("tiny:causal")[0].__class__ = NoCacheArgument
+    quality = QualitySelfReward(own, "tiny:causal", mode="generate", max_new_tokens=6,
+                                engine="hf", fallback="midpoint")
+    out = quality.score(INSTRUCTIONS, RESPONSES, group_size=2)
+    assert len(out.raw) == 4 and torch.isfinite(out.values).all()
+    with pytest.raises(EngineUnavailableError, match="use engine: hf"):
+        QualitySelfReward(own, "tiny:causal", mode="generate", max_new_tokens=6, engine="lsp")
 
 
 # ---------------------------------------------------------------- tokenisation helpers

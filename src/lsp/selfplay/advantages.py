@@ -17,8 +17,15 @@ Departures from the paper, each off by default:
   (``lsp.selfplay.prompts.check_queries``: empty, too long, truncated, an echo of the prompt) is worth. The
   Solver never answers it, so it has no reward-model value; the paper does not say. Rules:
   "penalize" (default): its Challenger reward is the lowest valid Challenger reward of the batch
-    minus 1 (worse than any real query), and it takes part in the batch baseline, so the
-    Challenger is pushed away from degenerate outputs.
+    minus a margin (worse than any real query), and it takes part in the batch baseline, so the
+    Challenger is pushed away from degenerate outputs. The margin (``invalid_margin``,
+    ``margin_scale``): "spread" (default) = invalid_margin x the population std of the step's
+    valid Solver rewards (R + w R_Q over all answers; defined whenever one query is valid, since
+    G >= 2), i.e. in units of the reward's own spread; "absolute" = invalid_margin reward units
+    (the rule before issue 35, with 1.0). Why: with a fixed 1.0 on a reward whose valid queries
+    differ by ~0.2 (the CPU study: judge 0.1 + constraints 1.0), validity was five times the
+    signal of quality, and the Challenger learned "be short" (query length 49 -> 28 tokens) rather
+    than "be hard"; the validation evidence for the default is in docs/protocol.md.
   "skip": it is left out of the Challenger's batch mean/std and gets advantage 0, so it neither
     trains the policy nor shifts the baseline of the valid queries (its recorded reward is the
     same min - 1, for the metrics only).
@@ -66,6 +73,21 @@ def challenger_advantages(
 
 
 INVALID_QUERY_RULES = ("penalize", "skip")
+MARGIN_SCALES = ("spread", "absolute")
+
+
+def invalid_margin(solver_reward: Tensor, margin: float = 1.0, scale: str = "spread") -> float:
+    """How far below the worst valid query an invalid one's Challenger reward sits (module doc).
+
+    solver_reward (Nv, G): the valid queries' Solver rewards; "spread" scales `margin` by their
+    population std over all Nv x G answers (0 when every answer scored the same: the invalid
+    query then ties with the worst valid one), "absolute" uses `margin` as it is.
+    """
+    if scale not in MARGIN_SCALES:
+        raise ValueError(f"unknown margin scale {scale!r}; expected {MARGIN_SCALES}")
+    if scale == "absolute":
+        return float(margin)
+    return float(margin) * solver_reward.float().std(correction=0).item()
 
 
 class Advantages(NamedTuple):
@@ -104,6 +126,8 @@ def selfplay_advantages(
     self_reward_weight: float = 1.0,
     scale_std: bool = False,
     invalid_query: str = "penalize",
+    margin: float = 1.0,
+    margin_scale: str = "spread",
 ) -> Advantages:
     """One step's advantages when some Challenger outputs were invalid (module doc).
 
@@ -120,7 +144,8 @@ def selfplay_advantages(
                                                  scale_std)
     r_ch = torch.empty(valid.shape[0], dtype=r_ch_valid.dtype)  # (N,)
     r_ch[valid] = r_ch_valid
-    r_ch[~valid] = r_ch_valid.min() - 1.0  # as bad as the worst real query, minus a margin
+    # as bad as the worst real query, minus a margin
+    r_ch[~valid] = r_ch_valid.min() - invalid_margin(r_sol, margin, margin_scale)
     mask = valid if invalid_query == "skip" else None
     a_ch = challenger_advantages(r_ch, scale_std=scale_std, query_mask=mask)
     return Advantages(a_sol, a_ch, r_sol, r_ch)

@@ -297,21 +297,35 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def clean_instructions(prompts: list[str], held_out: list[str]) -> tuple[list[str], dict]:
-    """Training instructions minus duplicates and minus any held-out (evaluation) instruction,
-    compared case- and whitespace-insensitively, so the GRPO baseline never trains on AlpacaEval.
+OVERLAP_NGRAM = 8  # words: a shared 8-word run counts as contamination (GPT-3 used 13)
+
+
+def word_ngrams(text: str, n: int = OVERLAP_NGRAM) -> set[tuple[str, ...]]:
+    """The runs of n consecutive lower-cased words (letters, digits, apostrophes) of a text."""
+    import re
+
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def clean_instructions(prompts: list[str], held_out: list[str],
+                       ngram: int = OVERLAP_NGRAM) -> tuple[list[str], dict]:
+    """Training instructions minus duplicates and minus anything that overlaps a held-out
+    (evaluation) text: the same text compared case- and whitespace-insensitively, or a shared run
+    of `ngram` words, so a data arm never trains on AlpacaEval or IFEval prompts.
     Returns (kept, counts) with counts {read, duplicates, held_out_overlap, kept}."""
     held = {_normalised(t) for t in held_out}
+    held_grams = set().union(*(word_ngrams(t, ngram) for t in held_out)) if held_out else set()
     seen: set[str] = set()
     kept, dup, overlap = [], 0, 0
     for p in prompts:
         key = _normalised(p)
         if key in seen:
             dup += 1
-        elif key in held:
+        elif key in held or word_ngrams(p, ngram) & held_grams:
             overlap += 1
         else:
             kept.append(p)
         seen.add(key)
     return kept, {"read": len(prompts), "duplicates": dup, "held_out_overlap": overlap,
-                  "kept": len(kept)}
+                  "kept": len(kept), "overlap_ngram": ngram}

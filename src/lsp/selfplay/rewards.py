@@ -27,10 +27,13 @@ tensor.
   format within 128 tokens) skips the justification and calculation: the assistant turn is
   prefilled with "<Score>" and the reward is the expected value over '0'..'7', as in
   `LLMJudgeReward` (continuous, not an integer as in the paper).
-  `fallback` (paper silent): "batch_mean" (default) = mean of the rows of the same call that did
-  parse (midpoint 3.5 when none did): an unparseable verdict carries no information, and the batch
-  mean adds (approximately) nothing to the group-mean-subtracted advantages; "midpoint" = 3.5;
-  "zero" = 0 (punishes the Solver for the judge's failure).
+  `fallback` (paper silent): "group_mean" (default) = mean of the parsed rows of the same group
+  (the G answers to one query; `score(..., group_size=G)`), the midpoint 3.5 when none of the
+  group parsed: an unparseable verdict carries no information, and its group's mean adds exactly
+  nothing to that group's mean-subtracted Solver advantages (a batch mean would: a group
+  [6, 6, 6, fail] with a batch mean of 3 became [6, 6, 6, 3], advantages +0.75 x 3 and -2.25),
+  and, depending on the group only, it keeps 1-process and W-process updates equal;
+  "midpoint" = 3.5; "zero" = 0 (punishes the Solver for the judge's failure).
 - `LengthReward`: `per_char * len(response)`, no model. A trivial deterministic reward for
   benchmarks (benchmarks/bench_step.py gives TRL's GRPOTrainer exactly this function) and tests;
   it teaches nothing useful.
@@ -70,7 +73,7 @@ from lsp.selfplay.records import RewardOutput
 
 CUT_MARK = " [...]"
 CUT_MARGIN = 4  # tokens: re-tokenising cut text can shift a boundary by a few tokens
-Fallback = Literal["batch_mean", "midpoint", "zero"]
+Fallback = Literal["group_mean", "midpoint", "zero"]
 FALLBACKS = get_args(Fallback)
 # The config schema (lsp.config) checks a reward's keys against these signatures' annotations.
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -103,17 +106,27 @@ def score_mass(logits: Tensor, score_token_ids: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=-1)[:, score_token_ids].sum(-1)
 
 
-def fill_unparsed(values: Tensor, parsed: Tensor, mode: str, max_score: float) -> Tensor:
-    """(B,) values, (B,) bool parsed -> values with the fallback where not parsed (module doc)."""
+def fill_unparsed(values: Tensor, parsed: Tensor, mode: str, max_score: float,
+                  group_size: int | None = None) -> Tensor:
+    """(B,) values, (B,) bool parsed -> values with the fallback where not parsed (module doc).
+
+    group_mean: rows are B / group_size consecutive groups (the whole call is one group when
+    group_size is None); each failed row gets the mean of its group's parsed rows, the midpoint
+    when none of them parsed.
+    """
     if mode not in FALLBACKS:
         raise ValueError(f"Unknown fallback '{mode}': use one of {FALLBACKS}")
-    if mode == "zero":
-        fallback = 0.0
-    elif mode == "midpoint" or not parsed.any():
-        fallback = max_score / 2
-    else:  # batch_mean
-        fallback = values[parsed].mean().item()
-    return torch.where(parsed, values, torch.full_like(values, fallback))
+    if mode != "group_mean":
+        fallback = 0.0 if mode == "zero" else max_score / 2
+        return torch.where(parsed, values, torch.full_like(values, fallback))
+    g = group_size or values.numel()
+    if values.numel() % g:
+        raise ValueError(f"{values.numel()} scores do not split into groups of {g}")
+    ok = parsed.view(-1, g)  # (B/G, G)
+    sums = torch.where(ok, values.view(-1, g), 0.0).sum(1)  # (B/G,)
+    count = ok.sum(1)
+    means = torch.where(count > 0, sums / count.clamp_min(1), max_score / 2)  # (B/G,)
+    return torch.where(parsed, values, means.repeat_interleave(g))
 
 
 # ---------------------------------------------------------------- tokenisation helpers
@@ -280,42 +293,49 @@ class QualitySelfReward(_DigitJudge):
 
     def __init__(self, pool: ModelPool, model: str, dtype: Dtype = "float32",
                  mode: Literal["logits", "generate"] = "generate", batch_size: PosInt = 8,
-                 max_new_tokens: PosInt = 256, fallback: Fallback = "batch_mean",
+                 max_new_tokens: PosInt = 256, fallback: Fallback = "group_mean",
                  max_length: PosInt = 2048, min_score_mass: float = 0.01, amp: Amp = None,
                  engine: EngineName = "lsp"):
         super().__init__(pool, model, dtype, batch_size, max_length, "<Score>",
                          QUALITY_MAX_SCORE, min_score_mass, amp)
         self.mode, self.max_new_tokens, self.fallback = mode, max_new_tokens, fallback
         # generate mode decodes with `engine` (lsp.engines: lsp | hf | vllm), never pushed: the
-        # judge is frozen.
+        # judge is frozen. The name also goes into every SamplingConfig: `lsp` and `hf` share one
+        # engine object, which decodes with the loop the config names.
+        self.engine_name = engine
         self.engine = judge_engine(pool, engine, model, dtype, self.amp) if mode == "generate" else None
 
     def _user_message(self, instruction: str, response: str) -> str:
         return render_quality_prompt(instruction, response)
 
-    def score(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+    def score(self, instructions: list[str], responses: list[str],
+              group_size: int | None = None) -> RewardOutput:
+        """group_size: the answers per query (consecutive rows), for the group_mean fallback."""
         if self.mode == "logits":
             return self._judge(instructions, responses)
-        return self._generate(instructions, responses)
+        return self._generate(instructions, responses, group_size)
 
-    def _generate(self, instructions: list[str], responses: list[str]) -> RewardOutput:
+    def _generate(self, instructions: list[str], responses: list[str],
+                  group_size: int | None) -> RewardOutput:
         def render(i: str, r: str) -> str:
             return render_chat(self.tokenizer, render_quality_prompt(i, r))
 
         budget = max(self.max_length - self.max_new_tokens, 1)
         prompts = render_rows(self.tokenizer, render, instructions, responses, budget)
-        cfg = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        cfg = SamplingConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                             engine=self.engine_name)
         texts = self.engine.generate(prompts, cfg, greedy=True).completions
-        return quality_scores(texts, self.max_score, self.fallback)
+        return quality_scores(texts, self.max_score, self.fallback, group_size)
 
 
-def quality_scores(texts: list[str], max_score: int, fallback: str) -> RewardOutput:
+def quality_scores(texts: list[str], max_score: int, fallback: str,
+                   group_size: int | None = None) -> RewardOutput:
     """The judge's texts -> scores: `parse_quality_score`, then the fallback for the rows that
     did not parse (module doc); every value is finite and in [0, max_score]."""
     scores = [parse_quality_score(t, max_score) for t in texts]
     parsed = torch.tensor([s is not None for s in scores], dtype=torch.bool)  # (B,)
     values = torch.tensor([float(s or 0) for s in scores], dtype=torch.float32)
-    values = fill_unparsed(values, parsed, fallback, max_score)
+    values = fill_unparsed(values, parsed, fallback, max_score, group_size)
     return RewardOutput(values=values, parse_failed=~parsed, raw=list(texts))
 
 

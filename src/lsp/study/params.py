@@ -39,68 +39,74 @@ class StudyConfigError(InputError):
     """An arm of params.yaml that the study cannot run, with the key to fix."""
 
 
-def train_config(params: DictConfig, arm: str) -> DictConfig:
-    """The `lsp.train` config of one arm. An arm (params.arms.<arm>) holds its `algo`, `init` (the
-    DVC path it starts from: the prepared base model, or artifacts/select/<arm> for a continuation
-    from that arm's selected checkpoint, which is then its KL reference too), `queries` (the DVC
-    path its queries come from: the Challenger's prompt code, or a prompt set for GRPO) and
-    optional per-arm overrides of any training section (e.g. `optim: {lr: 1.0e-6}`)."""
+# ------------------------------------------------------------------ runs: one arm under one seed
+
+CHALLENGER = "challenger"  # arms.<arm>.queries of a self-play arm (the Challenger writes them)
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The name of one arm trained under one seed (`lsp-0`), or of the base under it (`base-0`):
+    its DVC stages (train@lsp-0, ...), artifact folders and MLflow parent run."""
+    return f"{arm}-{seed}"
+
+
+def split_run(name: str) -> tuple[str, int | None]:
+    """`lsp_zero-2` -> ("lsp_zero", 2); a name without a seed suffix -> (name, None)."""
+    arm, sep, seed = name.rpartition("-")
+    return (arm, int(seed)) if sep and seed.isdigit() else (name, None)
+
+
+def with_seed(params: DictConfig, seed: int) -> DictConfig:
+    """params with `seed` set to the run's seed (every stage reads its sampling seed there)."""
+    out = params.copy()
+    out.seed = seed
+    return out
+
+
+def queries_path(arm: str) -> Path:
+    """Where an arm's queries are recorded by the `prompts` stage: a data arm's cleaned prompt
+    set, or a self-play arm's Challenger prompt (what train@<arm>-<seed> depends on)."""
+    return ARTIFACTS / "queries" / f"{arm}.jsonl"
+
+
+def arm_queries(params: DictConfig, arm: str) -> str:
+    """`challenger`, or the prompt set of a data arm; a mismatch with the arm's algo is refused."""
     spec = params.arms[arm]
+    queries, grpo = str(spec.get("queries") or ""), spec.algo.name == "grpo"
+    if queries != CHALLENGER and queries not in params.prompt_sets:
+        raise StudyConfigError(f"arms.{arm}.queries={queries!r}: expected {CHALLENGER} or a prompt "
+                               f"set ({', '.join(params.prompt_sets) or 'none defined'})")
+    if grpo == (queries == CHALLENGER):
+        raise StudyConfigError(f"arms.{arm}: algo={spec.algo.name} with queries={queries!r}: a grpo "
+                               f"arm needs a prompt set, a self-play arm queries: {CHALLENGER}")
+    return queries
+
+
+def train_config(params: DictConfig, arm: str, seed: int) -> DictConfig:
+    """The `lsp.train` config of one arm under one seed. An arm (params.arms.<arm>) holds its
+    `algo`, `queries` (`challenger`, or the prompt set a data arm draws from) and optional per-arm
+    overrides of any training section (e.g. `optim: {lr: 1.0e-6}`). Every arm starts from the
+    prepared base model, which is also its KL reference."""
+    spec, run = params.arms[arm], run_name(arm, seed)
     cfg = OmegaConf.create({k: params[k] for k in TRAIN_KEYS})
-    cfg.algo = spec.algo
-    cfg.name, cfg.run_dir, cfg.resume, cfg.sweep_id = arm, str(train_dir(arm)), False, None
+    cfg.algo, cfg.seed = spec.algo, seed
+    cfg.name, cfg.run_dir, cfg.resume, cfg.sweep_id = run, str(train_dir(run)), False, None
     keys = ["model.policy", "model.reference", "reward.model", "algo.self_reward.model"]
     # a composite reward's model-backed components (lsp.selfplay.constraints.CompositeReward)
     keys += [f"reward.components.{n}.reward.model" for n in cfg.reward.get("components") or {}]
     use_prepared_base(cfg, params.model.policy, keys)
-    start = init_model(params, arm)
-    if start != str(BASE_MODEL):
-        # A continuation: the selected checkpoint is the policy and pi_ref (so also the self-reward
-        # judge, which the method takes to be pi_ref); the reward model stays as configured.
-        cfg.model.policy = cfg.model.reference = start
-        if OmegaConf.select(cfg, "algo.self_reward.model") == str(BASE_MODEL):
-            cfg.algo.self_reward.model = start
-    if spec.algo.name == "grpo":
-        cfg.rollout.prompt_file = _prompt_file(spec, arm)
+    if arm_queries(params, arm) != CHALLENGER:
+        cfg.rollout.prompt_file = str(queries_path(arm))
     for key in (k for k in TRAIN_KEYS if k in spec):  # per-arm overrides (e.g. GRPO's lr) win
         cfg[key] = OmegaConf.merge(cfg[key], spec[key]) if isinstance(cfg[key], DictConfig) else spec[key]
     return cfg  # its logger: study_logger (the pipeline script), outside the run stamp
 
 
-def init_model(params: DictConfig, arm: str) -> str:
-    """The model an arm starts from: the prepared base, or another arm's selected checkpoint."""
-    init = params.arms[arm].get("init")
-    if not init:
-        raise StudyConfigError(f"arms.{arm}.init is missing: {BASE_MODEL} or {ARTIFACTS / 'select'}/<arm>")
-    if Path(init) == BASE_MODEL:
-        return str(BASE_MODEL)
-    source = Path(init)
-    if source.parent != ARTIFACTS / "select" or source.name not in params.arms or source.name == arm:
-        raise StudyConfigError(f"arms.{arm}.init={init}: expected {BASE_MODEL} or "
-                               f"{ARTIFACTS / 'select'}/<another arm> (arms: {', '.join(params.arms)})")
-    from lsp.evaluation.selection import chosen_path
-
-    return chosen_path(source / "selection.json")[0]
+def train_dir(run: str) -> Path:
+    return ARTIFACTS / "train" / run
 
 
-def _prompt_file(spec: DictConfig, arm: str) -> str:
-    queries = spec.get("queries")
-    if not queries or not str(queries).startswith(str(ARTIFACTS / "prompts")):
-        raise StudyConfigError(
-            f"arms.{arm}: algo=grpo needs `queries: {ARTIFACTS / 'prompts'}/<set>.jsonl` "
-            "(enable with baselines=grpo; its file is grpo_prompt_file)")
-    return str(queries)
-
-
-def prompts_path(name: str) -> Path:
-    return ARTIFACTS / "prompts" / f"{name}.jsonl"
-
-
-def train_dir(arm: str) -> Path:
-    return ARTIFACTS / "train" / arm
-
-
-RUN_STAMP = "study_run.json"  # in train_dir(arm): what the folder's run was trained with
+RUN_STAMP = "study_run.json"  # in train_dir(run): what the folder's run was trained with
 
 
 def run_stamp(cfg: DictConfig) -> dict:
@@ -121,7 +127,7 @@ def run_stamp(cfg: DictConfig) -> dict:
             "complete": False}
 
 
-def resume_or_clear(cfg: DictConfig, arm: str) -> bool:
+def resume_or_clear(cfg: DictConfig, run: str) -> bool:
     """train@<arm>'s outs are DVC `persist`: DVC leaves them in place when it reruns the stage.
     Rerun after a kill, with the same config and code: True (resume from the last checkpoint).
     Otherwise (a finished run, changed params or code, no stamp): the folder is emptied and
@@ -129,21 +135,21 @@ def resume_or_clear(cfg: DictConfig, arm: str) -> bool:
     import json
     import shutil
 
-    run, stamp = train_dir(arm), run_stamp(cfg)
-    old = run / RUN_STAMP
+    folder, stamp = train_dir(run), run_stamp(cfg)
+    old = folder / RUN_STAMP
     if old.exists() and json.loads(old.read_text()) == stamp:
         return True
-    if run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     old.write_text(json.dumps(stamp))
     return False
 
 
-def mark_complete(arm: str) -> None:
+def mark_complete(run: str) -> None:
     import json
 
-    path = train_dir(arm) / RUN_STAMP
+    path = train_dir(run) / RUN_STAMP
     path.write_text(json.dumps({**json.loads(path.read_text()), "complete": True}))
 
 
@@ -171,11 +177,13 @@ def git_commit() -> str:
 
 
 def parent_params(params: DictConfig, name: str) -> dict:
-    """What tells the arms apart in a run comparison (the full config is the train run's)."""
-    if name not in params.arms:
-        return {"model": params.model.policy}
-    algo = params.arms[name].algo
-    out = {"algo": algo.name, "beta": algo.beta, "init": params.arms[name].init,
+    """What tells the runs apart in a run comparison (the full config is the train run's)."""
+    arm, seed = split_run(name)
+    if arm not in params.arms:
+        return {"model": params.model.policy, "seed": seed}
+    algo = params.arms[arm].algo
+    out = {"arm": arm, "seed": seed, "algo": algo.name, "beta": algo.beta,
+           "queries": params.arms[arm].queries,
            "reward": str(params.reward.get("_target_", "")).rsplit(".", 1)[-1],
            "max_steps": params.trainer.max_steps}
     sr = algo.get("self_reward") or {}
@@ -218,27 +226,36 @@ def metrics_file(stage: str, name: str) -> Path:
     return METRICS / stage / f"{name}.json"
 
 
-def select_dir(arm: str) -> Path:
-    return ARTIFACTS / "select" / arm
+def select_dir(run: str) -> Path:
+    return ARTIFACTS / "select" / run
 
 
-def generate_dir(arm: str) -> Path:
-    return ARTIFACTS / "generate" / arm
+def generate_dir(name: str) -> Path:
+    return ARTIFACTS / "generate" / name
 
 
-def evaluate_dir(arm: str) -> Path:
-    return ARTIFACTS / "evaluate" / arm
+def evaluate_dir(run: str) -> Path:
+    return ARTIFACTS / "evaluate" / run
+
+
+def _seed_of(name: str) -> int:
+    seed = split_run(name)[1]
+    if seed is None:
+        raise StudyConfigError(f"{name!r} is not a study run name (<arm>-<seed> or base-<seed>)")
+    return seed
 
 
 def eval_config(params: DictConfig, name: str) -> DictConfig:
-    """The `lsp.evaluate` config of one study model: the arm as candidate, the prepared base
-    model as baseline, generations shared through artifacts/generate/."""
+    """The `lsp.evaluate` config of one study run (`lsp-0`; or `base-0`): the run as candidate,
+    the prepared base model sampled under the same seed (`base-<seed>`) as baseline, generations
+    shared through artifacts/generate/."""
+    seed = _seed_of(name)
     cfg = OmegaConf.create({
         "model": params.model, "eval": params.eval, "logger": params.logger,
         "candidate": {"model": str(BASE_MODEL), "name": name, "selection": None},
-        "base": {"model": str(BASE_MODEL), "name": "base"},
+        "base": {"model": str(BASE_MODEL), "name": run_name("base", seed)},
         "out_dir": str(evaluate_dir(name)), "generations_dir": str(ARTIFACTS / "generate" / "{generator}"),
-        "device": params.device, "model_cache_dir": params.model_cache_dir, "seed": params.seed,
+        "device": params.device, "model_cache_dir": params.model_cache_dir, "seed": seed,
     })
     use_prepared_base(cfg, params.model.policy, ["eval.judge.model"])
     return cfg
@@ -249,16 +266,18 @@ def ifeval_dir(name: str) -> Path:
 
 
 def ifeval_config(params: DictConfig, name: str) -> DictConfig:
-    """The `lsp.ifeval` config of one study model (an arm's selected checkpoint, or the prepared
-    base): the AlpacaEval generation settings, the study's `ifeval` section."""
+    """The `lsp.ifeval` config of one study run (a run's selected checkpoint, or `base-<seed>`,
+    the prepared base): the AlpacaEval generation settings, the study's `ifeval` section, the
+    run's seed."""
+    seed = _seed_of(name)
     cfg = OmegaConf.create({
         "model": params.model, "eval": {"generation": params.eval.generation},
         "ifeval": params.ifeval, "logger": params.logger,
         "candidate": {"model": str(BASE_MODEL), "name": name, "selection": None},
-        "base": {"model": str(BASE_MODEL), "name": "base"},
+        "base": {"model": str(BASE_MODEL), "name": run_name("base", seed)},
         "out_dir": str(ARTIFACTS / "ifeval"), "device": params.device,
-        "model_cache_dir": params.model_cache_dir, "seed": params.seed,
+        "model_cache_dir": params.model_cache_dir, "seed": seed,
     })
-    if name != "base":
+    if split_run(name)[0] != "base":
         cfg.candidate.selection = str(select_dir(name) / "selection.json")
     return cfg
