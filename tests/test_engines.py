@@ -69,12 +69,16 @@ class PushCheck(L.Callback):
         PushCheck.records.append((greedy_ids(engine, self.prompts), own))
 
 
-def test_rollouts_come_from_the_current_weights(compose_cfg, workdir, vllm_llama):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_rollouts_come_from_the_current_weights(compose_cfg, workdir, vllm_llama, lora):
+    """With LoRA (lsp.lora) the engine is pushed the merged weights W + (alpha / r) B A, computed
+    without merging in place, and must decode what the adapted policy decodes."""
     cfg = compose_cfg(
         "experiment=smoke", "algo=lsp_zero", f"model.policy={vllm_llama}", "reward=length",
         "rollout.challenger.engine=vllm", "rollout.solver.engine=vllm", "trainer.max_steps=3",
         "optim.lr=0.05", "rollout.vllm.enforce_eager=true", "rollout.vllm.kv_cache_gb=1",
         "rollout.vllm.max_model_len=2048", "rollout.solver.max_new_tokens=24",
+        *(["model.lora.r=4"] if lora else []),
     )
     with open_dict(cfg):
         cfg.callbacks["push_check"] = {"_target_": f"{__name__}.PushCheck"}
@@ -88,6 +92,7 @@ def test_rollouts_come_from_the_current_weights(compose_cfg, workdir, vllm_llama
     # The stale-weights canary is logged, and is about zero (fp32 engine, current weights).
     gap = result["metrics"]["rollout/logprob_gap"]
     assert 0 <= gap < 1e-3
+    assert result["metrics"]["rollout/canary_alerts"] == 0  # a healthy run does not alert
     with sqlite3.connect(workdir / "mlflow.db") as db:
         logged = db.execute("select count(*) from metrics where key='rollout/logprob_gap'")
         assert logged.fetchone()[0] == 3
@@ -98,6 +103,7 @@ def test_a_stale_engine_shows_in_the_logprob_gap(vllm_llama):
     from transformers import AutoModelForCausalLM
 
     from lsp.engines import EnginePool, VLLMSettings
+    from lsp.engines.canary import GapCanary
     from lsp.selfplay.logprobs import completion_logprobs, masked_mean
 
     tok = load_tokenizer(vllm_llama)
@@ -106,19 +112,25 @@ def test_a_stale_engine_shows_in_the_logprob_gap(vllm_llama):
     engine = pool.get("vllm", policy, tok, vllm_llama)
     prompts = [render_chat(tok, p) for p in PROMPTS]
 
+    canary = GapCanary()  # the alarm on the gap (rollout.canary's defaults)
+
     def gap() -> float:
         r = engine.generate(prompts, SamplingConfig(max_new_tokens=16, temperature=0.7))
         with torch.no_grad():
             lp = completion_logprobs(policy, r.sequences, r.attention_mask, r.prompt_len, 0.7)
-        return masked_mean((lp - r.logprobs).abs(), r.completion_mask).item()
+        value = masked_mean((lp - r.logprobs).abs(), r.completion_mask).item()
+        canary.observe(value, step=0)
+        return value
 
-    assert gap() < 1e-4
+    assert gap() < 1e-4 and canary.alerts == 0  # the floor
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert gap() > 1e-2  # stale
+    assert canary.alerts == 1  # the canary alerts
     engine.push(policy)
     assert gap() < 1e-4  # current again
+    assert canary.alerts == 1  # and stays quiet
 
 
 def test_a_model_vllm_cannot_serve_on_cpu_is_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ REASON = "Long because"  # a docstring that says why a function is longer
 
 # Lower layers first; a module may import its own layer or lower ones at module level.
 LAYERS = {
-    "errors": 0, "chat": 0, "io": 1, "models": 1, "config": 2, "tracking": 2, "headline": 2,
+    "errors": 0, "chat": 0, "io": 1, "models": 1, "lora": 2, "config": 2, "tracking": 2, "headline": 2,
     "engines": 3,
     "selfplay": 4, "evaluation": 5, "study": 6,
     "train": 7, "evaluate": 7, "select": 7, "ifeval": 7, "report": 7,

@@ -72,7 +72,12 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> str:
     if spec.startswith("tiny:"):
         return str(ensure_tiny(spec.removeprefix("tiny:"), cache))
     if Path(spec).expanduser().is_dir():
-        return str(Path(spec).expanduser())
+        folder = Path(spec).expanduser()
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            from lsp.lora import merged_folder  # a LoRA adapter: merged into its base, once
+
+            return str(merged_folder(folder, cache))
+        return str(folder)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelUnavailableError(
             f"Model '{spec}' is neither an existing local folder nor a hub id (owner/name). "
@@ -306,8 +311,16 @@ class ModelPool:
         self.cache_dir = cache_dir
         self.attn_implementation = attn_implementation  # causal LMs (load_causal_lm)
         self._models: dict[tuple[str, str, str], tuple] = {}
+        self._shared: dict[str, tuple] = {}  # spec -> (model, tokenizer), whatever the dtype
+
+    def share(self, spec: str, model, tokenizer) -> None:
+        """Hand out `model` for `spec` at any dtype: the LoRA policy, whose adapters are disabled
+        wherever pi_ref or a judge runs (lsp.lora.adapters_disabled), so no second copy."""
+        self._shared[spec] = (model, tokenizer)
 
     def causal_lm(self, spec: str, dtype: str = "float32"):
+        if spec in self._shared:
+            return self._shared[spec]
         return self._get("causal", spec, dtype)
 
     def sequence_classifier(self, spec: str, dtype: str = "float32"):

@@ -34,9 +34,11 @@ from lsp.io import (
     latest_checkpoint,
     list_checkpoints,
 )
+from lsp.lora import ADAPTER_DIR, add_adapters, parameter_bytes
 from lsp.models import (
     ModelPool,
     amp_dtype,
+    dtype_of,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
@@ -84,6 +86,8 @@ def settings_from(cfg: DictConfig, device: str, world_size: int = 1) -> SelfPlay
         challenger=SamplingConfig(**r.challenger), solver=SamplingConfig(**r.solver),
         max_query_chars=r.max_query_chars, reject_truncated=r.reject_truncated, beta=a.beta,
         kl_estimator=a.kl_estimator, kl_placement=a.kl_placement, aggregation=a.aggregation,
+        engine_correction=a.get("engine_correction", "none"), tis_cap=a.get("tis_cap", 2.0),
+        canary=(r.canary.max_gap_ratio, r.canary.min_gap) if r.get("canary") else (5.0, 0.01),
         alpha_ch=a.alpha_ch, scale_std=a.scale_std, invalid_query=a.invalid_query,
         self_reward_weight=a.self_reward.weight if a.self_reward.enabled else 0.0,
         micro_batch_size=cfg.trainer.micro_batch_size, grad_clip=cfg.trainer.grad_clip,
@@ -108,15 +112,27 @@ def build_rewards(cfg: DictConfig, pool: ModelPool):
 def build_module(cfg: DictConfig, device: str, resume_from: Path | None,
                  world_size: int = 1) -> SelfPlayModule:
     m = cfg.model
-    # Resuming: the policy comes from the checkpoint; the reference stays the initial model.
+    lora = m.get("lora") is not None and m.lora.r > 0  # lsp.lora: the base model + adapters
+    # Resuming: the policy comes from the checkpoint (LoRA: the base model and the checkpoint's
+    # adapter; the checkpoint's merged export seeds the engines); the reference stays initial.
     policy_path = str(resume_from) if resume_from else resolve_model(m.policy, m.cache_dir)
     attn = m.attn_implementation
-    policy = load_causal_lm(policy_path, m.dtype, device, trainable=True, attn_implementation=attn)
+    policy = load_causal_lm(resolve_model(m.policy, m.cache_dir) if lora else policy_path,
+                            m.dtype, device, trainable=not lora, attn_implementation=attn)
     if m.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+    if lora:
+        policy = add_adapters(policy, m.lora.r, m.lora.alpha, m.lora.dropout,
+                              list(m.lora.target_modules),
+                              resume_from / ADAPTER_DIR if resume_from else None).train()
     tokenizer = load_tokenizer(policy_path)
     engines = EnginePool(device, VLLMSettings(**cfg.rollout.vllm))
     pool = ModelPool(device, m.cache_dir, attn_implementation=attn, engines=engines)
+    if lora and m.reference == m.policy:  # pi_ref and its judges: the policy, adapters off
+        pool.share(m.reference, policy, tokenizer)
+        log.info("LoRA: pi_ref is the policy with its adapters disabled, not a copy: %.1f MB "
+                 "of %s weights saved", parameter_bytes(policy, dtype_of(m.reference_dtype)) / 1e6,
+                 m.reference_dtype)
     reference, _ = pool.causal_lm(m.reference, m.reference_dtype)
     reward, self_reward = build_rewards(cfg, pool)
     optimizer = instantiate(cfg.optim, _partial_=True)
@@ -124,7 +140,7 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None,
     constraints = constraint_sampler(cfg, reward)
     # The policy's engine per role (one shared engine when both roles name the same kind).
     roles = {role: engines.get(cfg.rollout[role].engine, policy, tokenizer, policy_path, m.dtype,
-                               settings.amp_dtype) for role in ("challenger", "solver")}
+                               settings.amp_dtype, pushed=True) for role in ("challenger", "solver")}
     return SelfPlayModule(policy, reference, tokenizer, reward, self_reward, settings, optimizer,
                           engines=roles, constraints=constraints, engine_pool=engines)
 

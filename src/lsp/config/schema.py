@@ -28,7 +28,7 @@ from lsp.config.checks import (
     target_node,
 )
 from lsp.selfplay.advantages import INVALID_QUERY_RULES
-from lsp.selfplay.losses import AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
+from lsp.selfplay.losses import AGGREGATIONS, ENGINE_CORRECTIONS, KL_ESTIMATORS, KL_PLACEMENTS
 
 
 class Section(BaseModel):
@@ -36,6 +36,16 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------- shared sections
+
+
+class LoRASection(Section):
+    """`model.lora` (lsp.lora, docs/gpu.md): the policy trains low-rank adapters instead of every
+    weight."""
+
+    r: NonNegInt = Field(0, description="Adapter rank; 0: LoRA off (full fine-tuning), N > 0: on.")
+    alpha: PosFloat = Field(32.0, description="LoRA scaling numerator: the update is (alpha / r) B A.")
+    dropout: Annotated[float, rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = Field(0.0, description="Dropout on the adapters' input (training passes only; 0 keeps the engine's and the policy's distributions equal).")
+    target_modules: Annotated[list[str], rule(lambda v: bool(v) and not {"lm_head", "embed_tokens"} & set(v), "a non-empty list of linear layer names, without lm_head or embed_tokens (tied to each other in the models here)")] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], description="The linear layers that get adapters (names as in the model, e.g. q_proj).")
 
 
 class ModelSection(Section):
@@ -52,6 +62,7 @@ class ModelSection(Section):
     reference_prompt_memo: bool = Field(True, description="Run pi_ref over the Challenger's fixed prompt once per run, not per step (same numbers).")
     chat_date: Annotated[str, rule(lambda v: bool(v.strip()), "the date chat templates see: a "
                                    "non-empty string such as '26 Jul 2024'")] = Field(description="The date every chat template sees, so a prompt renders the same on any day (lsp.chat).")
+    lora: LoRASection = Field(default_factory=lambda: LoRASection(), description="LoRA adapters on the policy (lsp.lora; r=0: off, full fine-tuning). On, the reference and a self-reward judge naming the policy are the same model with its adapters disabled.")
 
 
 class LoggerSection(Section):
@@ -103,6 +114,14 @@ class ConstraintsSection(Section):
     held_out: list[str] | None = Field(None, description="Constraint types never drawn in training (null: lsp.selfplay.constraints.HELD_OUT_TYPES, 8 of 25).")
 
 
+class CanarySection(Section):
+    """`rollout.canary` (lsp.engines.canary): warn and count when the engine's log-probs drift
+    from the policy's."""
+
+    max_gap_ratio: Annotated[float, rule(lambda v: v > 1, "must be > 1")] = Field(5.0, description="Alert when rollout/logprob_gap exceeds this multiple of its first step's value (its floor: the engine's precision).")
+    min_gap: PosFloat = Field(0.01, description="...and exceeds this absolute gap (nats per token), so that a floor of about 0 (an fp32 engine) does not alert on noise.")
+
+
 class RolloutSection(Section):
     num_queries: Annotated[StrictInt, rule(lambda v: v >= 1, "need at least one query per step")] = Field(description="N: Challenger queries per step, the global count over all processes.")
     group_size: Annotated[StrictInt, rule(lambda v: v >= 2, "the Solver's group-mean baseline needs at "
@@ -116,6 +135,7 @@ class RolloutSection(Section):
     solver: SamplingSection = Field(description="Sampling of the Solver's answers.")
     vllm: VLLMSection = Field(description="Every vLLM engine of the run (in process, colocated with training).")
     constraints: ConstraintsSection = Field(description="The constraint environment, on when the reward scores constraints.")
+    canary: CanarySection = Field(default_factory=lambda: CanarySection(), description="The stale-weights alarm on rollout/logprob_gap (lsp.engines.canary).")
 
 
 class AlgoSection(Section):
@@ -129,6 +149,8 @@ class AlgoSection(Section):
     invalid_query: choice(*INVALID_QUERY_RULES) = Field(description="Degenerate queries: penalize (lowest valid Challenger reward - 1) or skip.")
     # enabled and weight are ours; the rest is the self-reward's _target_ node
     self_reward: dict = Field(description="The quality self-reward R_Q: enabled, weight, and its _target_ node (lsp.selfplay.rewards.QualitySelfReward).")
+    engine_correction: choice(*ENGINE_CORRECTIONS) = Field("none", description="Correction for the engine sampling a slightly different distribution than the policy trains (lsp.selfplay.losses.engine_weights): none, tis (truncated sequence importance weights, exact when the cap covers every ratio) or tis_token (TRL's per-token weights).")
+    tis_cap: Annotated[float, rule(lambda v: v >= 1, "must be >= 1 (a cap below 1 shrinks every on-policy term)")] = Field(2.0, description="Truncation of the engine-correction weights (TRL's vllm_importance_sampling_cap).")
 
 
 def _optim(node: dict) -> dict:

@@ -58,17 +58,20 @@ class EnginePool:
         self._engines: dict[tuple, Engine] = {}
 
     def get(self, kind: str, model, tokenizer, path: str, dtype: str = "float32",
-            amp: torch.dtype | None = None) -> Engine:
+            amp: torch.dtype | None = None, pushed: bool = False) -> Engine:
+        """pushed: the engine samples the trained policy (vLLM: it gets every update); a frozen
+        model's engine is never pushed, so one model (the LoRA policy, whose adapters are off
+        for pi_ref and judges: lsp.lora) gets a separate vLLM engine per role kind."""
         if kind not in ENGINES:
             raise ValueError(f"unknown engine '{kind}': use one of {', '.join(ENGINES)}")
         if kind != "vllm":  # lsp and hf both decode on the model object
-            key = ("torch", id(model))
+            key = ("torch", id(model), amp)
             if key not in self._engines:
                 self._engines[key] = TorchEngine(model, tokenizer, amp)
             if kind == "lsp":  # at every get: the engine built for `hf` may be asked for as `lsp`
                 lsp_cache_argument(model)
             return self._engines[key]
-        key = ("vllm", id(model))
+        key = ("vllm", id(model), pushed)
         if key not in self._engines:
             self._engines[key] = VLLMEngine(path, tokenizer, eos_ids(model, tokenizer), self.device,
                                             engine_dtype(self.settings, dtype, amp), self.settings)

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 from lsp.engines.sampling import SamplingConfig
+from lsp.lora import merged_state_dict
 from lsp.selfplay.records import Rollout
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ class VLLMEngine:
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         # cast to the engine's dtype here: vLLM would cast too, logging one warning per tensor
         dtype = self.llm.llm_engine.model_config.dtype
-        state = model.state_dict() if state_dict is None else state_dict
+        # a LoRA policy: W + (alpha / r) B A under the base names, computed, never merged in place
+        state = merged_state_dict(model) if state_dict is None else state_dict
         weights = ((name, t.detach().to(dtype)) for name, t in state.items())
         worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from lsp import lora
 from lsp.config import NonNegInt, PosInt
 from lsp.io import CHECKPOINT_MARKER as MARKER
 from lsp.io import CheckpointWriteError, atomic_write_text, latest_checkpoint, list_checkpoints
@@ -104,7 +105,7 @@ class HFCheckpoint(Callback):
         full = fsdp.full_state_dict(module.policy) if fsdp.is_sharded(module.policy) else None
         if writer:
             shutil.rmtree(tmp, ignore_errors=True)
-            module.policy.save_pretrained(tmp, state_dict=full)
+            lora.save(module.policy, tmp, full)  # LoRA: merged export + adapter/ (lsp.lora)
             module.tokenizer.save_pretrained(tmp)
         trainer.save_checkpoint(tmp / "trainer_state.ckpt")  # every rank; rank 0 writes
         if writer:

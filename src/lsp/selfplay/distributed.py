@@ -185,6 +185,16 @@ def rank_rows(parts: list[SelfPlayBatch], r: int) -> tuple[slice, slice]:
     return slice(q0, q0 + n), slice(v0, v0 + nv)
 
 
+def take_rows(sp: SelfPlayBatch, full: SelfPlayBatch, parts: list[SelfPlayBatch]) -> None:
+    """This rank's share (`sp`) of the global batch's (`full`) advantages and rewards."""
+    queries, valid = rank_rows(parts, rank())
+    sp.challenger_advantages = full.challenger_advantages[queries]
+    sp.challenger_reward = full.challenger_reward[queries]
+    if sp.solver is not None:
+        sp.solver_advantages = full.solver_advantages[valid]
+        sp.solver_reward = full.solver_reward[valid]
+
+
 # ---- the strategy -----------------------------------------------------------------------------
 class SelfPlayDDP(DDPStrategy):
     """Lightning's DDPStrategy without torch's DDP wrapper (module doc): the module syncs its

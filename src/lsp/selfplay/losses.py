@@ -43,10 +43,19 @@ formula as written, because that formula does not do what the paper says it does
 - ``alpha_ch`` (``role_weight``, ``total_loss``): not given by the paper; default 1.0, the
   unweighted sum. The one definition of the weighting: the module back-propagates
   ``role_weight(role) * L_role`` and the metrics log ``total_loss`` of the same losses.
+- ``engine_correction`` (``engine_weights``; not in the paper, default "none"): the rollout
+  engine (vLLM in bf16) samples from q, a slightly different distribution than the policy pi
+  that trains (fp32), so the estimator is a little off-policy. "tis" weights every term of a
+  sequence by its truncated importance ratio min(pi(y)/q(y), cap): with cap >= the largest
+  ratio its expected gradient is exactly the on-policy one (tests/test_engine_correction.py
+  enumerates a tiny policy). "tis_token" is TRL's per-token form min(pi_t/q_t, cap): lower
+  variance over long answers, but not exact (the prefix and the later tokens that the
+  advantage depends on stay q's); the same test shows its bias.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -60,6 +69,7 @@ if TYPE_CHECKING:
     from lsp.selfplay.records import Rollout
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ENGINE_CORRECTIONS = ("none", "tis", "tis_token")
 KL_PLACEMENTS = ("loss", "reward")
 AGGREGATIONS = ("seq_sum", "token_mean", "seq_mean")
 
@@ -116,10 +126,13 @@ def policy_loss(
     aggregation: str = "seq_sum",
     num_sequences: int | None = None,
     num_tokens: int | float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE loss with a KL(pi || pi_ref) penalty for one player.
 
     logp (B, C) with grad; ref_logp (B, C) frozen; advantages (B,) per sequence; mask (B, C).
+    weights (B, C), detached: importance weights (``engine_weights``) multiplying every
+    per-token gradient term, the KL's too (it is an expectation under pi as well); None: 1.
     Returns (scalar loss, detached scalar stats). Stats "kl" / "kl_sum": the mean / sum over the
     B sequences of the summed token log-ratio (the paper's k1 sequence KL), whatever the
     placement and estimator: with placement "reward" the loss value is not the KL.
@@ -129,12 +142,14 @@ def policy_loss(
     logp = torch.where(mask, logp, 0.0)  # (B, C)
     log_ratio = torch.where(mask, logp - ref_logp, 0.0)  # (B, C)
     adv = advantages.detach().to(logp.dtype)[:, None].expand_as(logp)  # (B, C)
+    w = None if weights is None else torch.where(mask, weights.detach().to(logp.dtype), 0.0)
 
     def agg(x: Tensor) -> Tensor:
         return aggregate(x, mask, aggregation, num_sequences, num_tokens)
 
-    pg_loss = -agg(_reinforce(logp, adv, mask, aggregation))
-    kl_loss = agg(_kl_term(logp, log_ratio, mask, beta, kl_estimator, kl_placement, aggregation))
+    pg_loss = -agg(_reinforce(logp, adv, mask, aggregation, w))
+    kl_loss = agg(_kl_term(logp, log_ratio, mask, beta, kl_estimator, kl_placement, aggregation,
+                           w))
     kl_seq = masked_sum(log_ratio, mask, dim=-1)  # (B,) the paper's sequence log-ratio
     stats = {
         "pg_loss": pg_loss,
@@ -147,9 +162,13 @@ def policy_loss(
     return pg_loss + kl_loss, {k: v.detach() for k, v in stats.items()}
 
 
-def _reinforce(logp: Tensor, adv: Tensor, mask: Tensor, aggregation: str) -> Tensor:
-    # (B, C) surrogate with gradient adv_t * grad logp_t (ratio pi/sg(pi): value 1).
+def _reinforce(logp: Tensor, adv: Tensor, mask: Tensor, aggregation: str,
+               w: Tensor | None = None) -> Tensor:
+    # (B, C) surrogate with gradient w_t * adv_t * grad logp_t (ratio pi/sg(pi): value 1);
+    # w (B, C) importance weights, None: 1.
     ratio = torch.exp(logp - logp.detach())
+    if w is not None:
+        adv = adv * w
     if aggregation != "seq_sum":
         return ratio * adv
     # The paper's ratio is per SEQUENCE, so its term pi/sg(pi) * A has value A, while summing
@@ -167,10 +186,12 @@ def _kl_term(
     estimator: str,
     placement: str,
     aggregation: str,
+    w: Tensor | None = None,
 ) -> Tensor:
-    # (B, C) per-token KL part of the loss (ADDED to the negated pg term).
+    # (B, C) per-token KL part of the loss (ADDED to the negated pg term); w: as _reinforce's.
     if placement == "loss":
-        return beta * _kl_from_log_ratio(log_ratio, estimator)
+        kl = beta * _kl_from_log_ratio(log_ratio, estimator)
+        return kl if w is None else kl * w
     if placement != "reward":
         raise ValueError(f"unknown kl_placement {placement!r}; expected one of {KL_PLACEMENTS}")
     if estimator != "k1":
@@ -178,7 +199,30 @@ def _kl_term(
     # Reward-to-go of the per-token penalty, sum_{s >= t} log_ratio_s, detached (a reward),
     # enters like a negative advantage.
     to_go = log_ratio.detach().flip(-1).cumsum(-1).flip(-1)  # (B, C)
-    return -_reinforce(logp, -beta * to_go, mask, aggregation)
+    return -_reinforce(logp, -beta * to_go, mask, aggregation, w)
+
+
+def engine_weights(logp: Tensor, engine_logp: Tensor, mask: Tensor, mode: str, cap: float
+                   ) -> tuple[Tensor, Tensor]:
+    """Truncated importance weights of sampled tokens for the engine's mismatch (module doc).
+
+    logp (B, C): the policy's log-probs of the sampled tokens (the training pass); engine_logp
+    (B, C): the engine's log-probs of the same tokens under the distribution it sampled from;
+    mask (B, C). Returns (weights (B, C), truncated (B, C) bool), both detached; pads: weight 1,
+    not truncated. "tis": one weight per sequence, min(exp(sum_t logp_t - engine_logp_t), cap),
+    on each of its tokens; "tis_token": min(exp(logp_t - engine_logp_t), cap) per token;
+    "none": ones. The log-ratio is clamped at log(cap) before exp, so no ratio overflows."""
+    mask = mask.bool()
+    if mode == "none":
+        return torch.ones_like(logp), torch.zeros_like(mask)
+    if mode not in ENGINE_CORRECTIONS:
+        raise ValueError(f"unknown engine_correction {mode!r}; expected one of {ENGINE_CORRECTIONS}")
+    log_ratio = torch.where(mask, logp.detach() - engine_logp.detach(), 0.0)  # (B, C)
+    if mode == "tis":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(log_ratio)  # (B, C) per sequence
+    truncated = (log_ratio > math.log(cap)) & mask
+    weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
+    return torch.where(mask, weights, 1.0), truncated
 
 
 def role_weight(role: str, alpha_ch: float) -> float:
@@ -205,3 +249,5 @@ class LossStats:
     tokens: int  # completion tokens of the role in the global batch
     # mean |log p_engine - log p_policy| over sampled tokens; None: the engine is the policy
     logprob_gap: float | None = None
+    # algo.engine_correction's weights: (mean over tokens, max, fraction truncated); None: off
+    engine_weights: tuple[float, float, float] | None = None

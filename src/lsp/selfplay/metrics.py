@@ -87,4 +87,16 @@ def step_metrics(sp: SelfPlayBatch, stats: dict[str, LossStats], alpha_ch: float
     if gaps:
         tokens = sum(n for _, n in gaps.values())
         out["rollout/logprob_gap"] = sum(g * n for g, n in gaps.values()) / max(tokens, 1)
-    return out
+    return out | engine_weight_metrics(stats)
+
+
+def engine_weight_metrics(stats: dict[str, LossStats]) -> dict[str, float]:
+    """algo.engine_correction's importance weights over both roles' tokens: mean, max, and the
+    fraction truncated at the cap (TRL logs the same three)."""
+    parts = [(st.engine_weights, st.tokens) for st in stats.values() if st.engine_weights]
+    if not parts:
+        return {}
+    tokens = max(sum(n for _, n in parts), 1)
+    return {"rollout/tis_weight_mean": sum(w[0] * n for w, n in parts) / tokens,
+            "rollout/tis_weight_max": max(w[1] for w, _ in parts),
+            "rollout/tis_truncated_frac": sum(w[2] * n for w, n in parts) / tokens}

@@ -17,6 +17,10 @@ Departures from / choices beyond the paper (each a named option in conf/):
   `trainer.max_nonfinite_steps` consecutive ones the run stops with an error.
 - `trainer.micro_batch_size` splits the forward/backward; every micro-batch is normalised by the
   full step's counts, so the update equals the full-batch one.
+- `algo.engine_correction` (default none): importance weights for an engine that samples a slightly
+  different distribution than the policy trains (lsp.selfplay.losses.engine_weights).
+- `model.lora` (default off, lsp.lora): adapters train; pi_ref is the policy with them disabled.
+
 
 Data parallel (`trainer.strategy=ddp`, `lsp.selfplay.distributed`): every rank plays its share of the
 step's queries; the ranks' batches are gathered into the global batch, on which advantages,
@@ -52,7 +56,9 @@ from torch import Tensor
 
 from lsp.chat import render_chat
 from lsp.engines import Engine, EnginePool, TorchEngine
+from lsp.engines.canary import GapCanary
 from lsp.engines.sampling import SamplingConfig
+from lsp.lora import adapters_disabled
 from lsp.selfplay import advantages as adv
 from lsp.selfplay import distributed, fsdp
 from lsp.selfplay.constraints import augment
@@ -85,6 +91,9 @@ class SelfPlaySettings:
     beta: float = 0.05
     kl_estimator: str = "k1"
     kl_placement: str = "reward"  # exact KL gradient (lsp.selfplay.losses); "loss" = as written
+    engine_correction: str = "none"  # none | tis | tis_token (lsp.selfplay.losses.engine_weights)
+    tis_cap: float = 2.0  # the truncation of the engine-correction weights
+    canary: tuple[float, float] = (5.0, 0.01)  # rollout.canary: max_gap_ratio, min_gap (GapCanary)
     aggregation: str = "seq_sum"
     alpha_ch: float = 1.0
     scale_std: bool = False
@@ -132,6 +141,7 @@ class SelfPlayModule(L.LightningModule):
         # valid query (when the reward scores them); None: the Solver answers the query as is.
         self.constraints = constraints
         self.engine_pool = engine_pool  # the run's engines (roles and judges), started at setup
+        self.canary = GapCanary(*settings.canary)  # the stale-weights alarm (lsp.engines.canary)
 
     def setup(self, stage: str) -> None:
         # inside fit, once the process group exists: engines that join it (vLLM) start here,
@@ -186,19 +196,9 @@ class SelfPlayModule(L.LightningModule):
             full = distributed.merge_batches(parts, self.tokenizer.pad_token_id)
         self.assign_advantages(full)
         if full is not sp:
-            self.take_rows(sp, full, parts)
+            distributed.take_rows(sp, full, parts)
         self.call_hooks("on_rewards_computed", full)
         return sp, full
-
-    @staticmethod
-    def take_rows(sp: SelfPlayBatch, full: SelfPlayBatch, parts: list[SelfPlayBatch]) -> None:
-        """This rank's share of the global batch's advantages and rewards."""
-        queries, valid = distributed.rank_rows(parts, distributed.rank())
-        sp.challenger_advantages = full.challenger_advantages[queries]
-        sp.challenger_reward = full.challenger_reward[queries]
-        if sp.solver is not None:
-            sp.solver_advantages = full.solver_advantages[valid]
-            sp.solver_reward = full.solver_reward[valid]
 
     def from_prompts(self) -> SelfPlayBatch:
         """The data-driven GRPO baseline: N queries drawn from the prompt file (global torch RNG,
@@ -245,14 +245,14 @@ class SelfPlayModule(L.LightningModule):
         extra = {}
         if sp.constraints is not None:  # row i * G + j is scored against query i's constraints
             extra["constraints"] = [c for c in sp.constraints for _ in range(g)]
-        with timer("reward"):
+        with timer("reward"), adapters_disabled(self.policy):  # a judge naming the LoRA policy
             out = reward.score(instructions, sp.solver.completions, **extra)
         sp.rewards = out.values.float().view(-1, g)  # (Nv, G)
         sp.reward_components = {name: v.view(-1, g) for name, v in
                                 getattr(reward, "last_components", {}).items()}
         sp.judge_failures = int(out.parse_failed.sum())
         if self.frozen["self_reward"] is not None:
-            with timer("self_reward"):
+            with timer("self_reward"), adapters_disabled(self.policy):  # pi_ref judges
                 q_out = self.frozen["self_reward"].score(instructions, sp.solver.completions)
             sp.self_rewards = q_out.values.float().view(-1, g)  # (Nv, G)
             sp.judge_failures += int(q_out.parse_failed.sum())
@@ -282,7 +282,7 @@ class SelfPlayModule(L.LightningModule):
             advantages = None if sp.solver is None else sp.solver_advantages.flatten()  # (B,)
             roles["solver"] = RolePass(sp.solver, advantages, role_weight("solver", s.alpha_ch),
                                        s.solver.temperature, role_counts(full.solver))
-        with timer("reference_logprobs"):
+        with timer("reference_logprobs"), adapters_disabled(self.policy):  # LoRA: pi_ref
             refs = {role: reference_logprobs(self.frozen["reference"], r.rollout, r.temperature,
                                              s, self.device, self.prompt_memos.get(role))
                     for role, r in roles.items() if r.rollout is not None}
@@ -359,6 +359,7 @@ class SelfPlayModule(L.LightningModule):
     def log_step(self, sp: SelfPlayBatch, stats: dict[str, LossStats]) -> None:
         metrics = step_metrics(sp, stats, self.settings.alpha_ch)
         metrics["train/nonfinite_steps"] = float(self.nonfinite_total)
+        metrics |= self.canary.observe(metrics.get("rollout/logprob_gap"), sp.step)
         if self.grad_norm is not None:  # None until a step was taken
             metrics["train/grad_norm"] = float(self.grad_norm)
         self.last_metrics = metrics

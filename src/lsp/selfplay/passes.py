@@ -86,7 +86,8 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
     one collective sums the ranks' shares."""
     rollout, advantages = role.rollout, role.advantages
     n_seq, n_tok = role.counts
-    loss_sum, kl_sum, gap_sum, has_gap = 0.0, 0.0, 0.0, 0.0
+    loss_sum, kl_sum = 0.0, 0.0
+    engine = EngineTerms()  # the canary's gap and the correction's weights, summed
     mask = None if rollout is None else rollout.completion_mask.float()  # (B, C)
     # Sharded (fsdp): every forward and backward is a collective, so every rank makes the
     # busiest rank's count of passes, and one forward per micro-batch: share_prefix makes one
@@ -107,20 +108,60 @@ def backward_role(policy: nn.Module, role: RolePass, ref: Tensor | None, s: Self
                 rollout.prompt_len, role.temperature, share_prefix=share_prefix,
                 fused_head=fused_head,
             ).float()  # (b, C)
+        weights = engine.add(logp, rollout.logprobs, mb, mask[mb], s)
         loss, stats = losses.policy_loss(
             logp, ref[mb], advantages[mb].to(logp), mask[mb], s.beta, s.kl_estimator,
-            s.kl_placement, s.aggregation, num_sequences=n_seq, num_tokens=n_tok,
+            s.kl_placement, s.aggregation, num_sequences=n_seq, num_tokens=n_tok, weights=weights,
         )
         backward(loss * role.weight)
         loss_sum += loss.item()
         kl_sum += stats["kl_sum"].item()  # summed sequence log-ratios of the micro-batch
-        if rollout.logprobs is not None:  # the engine's own (b, C) log-probs of its samples
-            gap = (logp.detach() - rollout.logprobs[mb].to(logp)).abs()
-            gap_sum += masked_sum(gap, mask[mb]).item()
-            has_gap = 1.0
-    # one collective per role on every rank: the global loss, KL and engine gap
-    loss_sum, kl_sum, gap_sum, has_gap = distributed.all_reduce_sum(
-        [loss_sum, kl_sum, gap_sum, has_gap])
-    gap = gap_sum / max(n_tok, 1) if has_gap else None
+    # one collective per role on every rank: the global loss, KL, engine gap and weights
+    loss_sum, kl_sum, *sums = distributed.all_reduce_sum([loss_sum, kl_sum, *engine.sums()])
+    gap, tis = engine.results(sums, n_tok, s.engine_correction != "none")
     return LossStats(loss=loss_sum, kl=kl_sum / max(n_seq, 1), tokens=int(n_tok),
-                     logprob_gap=gap)
+                     logprob_gap=gap, engine_weights=tis)
+
+
+class EngineTerms:
+    """What a role's pass learns from the engine's own log-probs of its samples (none when the
+    engine decodes on the policy itself): the stale-weights canary's gap (mean |log p_engine -
+    log p_policy| per token) and, with `algo.engine_correction`, the importance weights
+    (lsp.selfplay.losses.engine_weights) and their statistics."""
+
+    def __init__(self):
+        self.gap = self.has_gap = self.w_sum = self.w_cut = 0.0
+        self.w_max = None  # the largest weight of this rank (None: no weights)
+
+    def add(self, logp: Tensor, engine_logp: Tensor | None, mb, mask: Tensor,
+            s: SelfPlaySettings) -> Tensor | None:
+        """logp (b, C) of micro-batch `mb`; engine_logp (B, C) of the whole rollout or None;
+        mask (b, C). Returns the (b, C) weights, or None (no correction)."""
+        if engine_logp is None:
+            return None
+        lp = engine_logp[mb].to(logp)  # (b, C)
+        self.gap += masked_sum((logp.detach() - lp).abs(), mask).item()
+        self.has_gap = 1.0
+        if s.engine_correction == "none":
+            return None
+        weights, cut = losses.engine_weights(logp, lp, mask, s.engine_correction, s.tis_cap)
+        self.w_sum += masked_sum(weights, mask).item()
+        self.w_cut += float(cut.sum())
+        top = float(weights[mask.bool()].max()) if mask.any() else 0.0
+        self.w_max = top if self.w_max is None else max(self.w_max, top)
+        return weights
+
+    def sums(self) -> list[float]:
+        return [self.gap, self.has_gap, self.w_sum, self.w_cut]
+
+    def results(self, sums: list[float], n_tok: int, corrected: bool
+                ) -> tuple[float | None, tuple | None]:
+        """(the global gap or None, (mean weight, max weight, truncated fraction) or None) from
+        the ranks' summed `sums`; the max is gathered (a collective) only with weights."""
+        gap_sum, has_gap, w_sum, w_cut = sums
+        gap = gap_sum / max(n_tok, 1) if has_gap else None
+        maxima = distributed.gather_objects(self.w_max) if has_gap and corrected else []
+        maxima = [m for m in maxima if m is not None]
+        if not maxima:
+            return gap, None
+        return gap, (w_sum / max(n_tok, 1), max(maxima), w_cut / max(n_tok, 1))
