@@ -40,6 +40,16 @@ study:
 lint:
 	$(BIN)/ruff check .
 
+# The documentation site (mkdocs.yml, docs/): build it strict into site/, or serve it locally.
+# docs-reference regenerates docs/reference/configuration.md from the schema and conf/.
+.PHONY: docs docs-serve docs-reference
+docs:
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+docs-serve:
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8000
+docs-reference:
+	$(BIN)/python -m lsp.config.reference
+
 # Benchmark against TRL's GRPOTrainer (issue 5, BENCHMARKS.md), in its own venv: trl 1.16 needs
 # datasets>=4.7, which the main venv cannot have (alpaca-eval). lsp goes in without its deps plus
 # exactly what a training step imports (no mlflow, dvc, alpaca-eval).

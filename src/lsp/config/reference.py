@@ -226,15 +226,11 @@ def _mapping_rows(key: str, ann, info, variants: list[dict], flats: list[dict]) 
     rows = [Row(key, type_name(ann), allowed(ann), info.description or "",
                 [MISSING if isinstance(lookup(f, key), dict | type(MISSING)) else lookup(f, key)
                  for f in flats])]
-    under = sorted({k for f in flats for k in f if k.startswith(f"{key}.")}, key=_order(flats))
+    # in the order of the first variant that has them (dict keys keep the composed order)
+    under = dict.fromkeys(k for f in flats for k in f if k.startswith(f"{key}."))
     for sub in under:
         rows.append(Row(sub, *_parameter(variants, sub), [lookup(f, sub) for f in flats]))
     return rows
-
-
-def _order(flats: list[dict]):
-    order = {k: i for f in reversed(flats) for i, k in enumerate(f)}
-    return lambda k: order.get(k, 0)
 
 
 def _parameter(variants: list[dict], key: str) -> tuple[str, str, str]:
@@ -250,6 +246,8 @@ def _parameter(variants: list[dict], key: str) -> tuple[str, str, str]:
     if parts[-2:-1] == ["self_reward"] and parts[-1] in SELF_REWARD_KEYS:
         return SELF_REWARD_KEYS[parts[-1]]
     for variant in variants:
+        if key not in flatten(variant):  # the variant that sets the key names its target
+            continue
         chain = [variant]
         for part in parts[:-1]:
             chain.append(chain[-1].get(part) if isinstance(chain[-1], dict) else None)
