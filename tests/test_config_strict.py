@@ -76,3 +76,19 @@ def test_a_float_from_the_command_line_is_refused(compose_cfg, override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"{key}=.*valid integer"):
         validate(compose_cfg("experiment=smoke", override))
+
+
+@pytest.mark.parametrize(("override", "prompt"), [
+    ("rollout.solver.max_new_tokens=2040", "rollout.solver.max_new_tokens=2040: a prompt of up to"),
+    ("rollout.challenger.max_new_tokens=2000", "rollout.challenger.max_new_tokens=2000: a prompt"),
+])
+def test_lengths_the_context_cannot_hold_are_refused_before_step_1(compose_cfg, workdir, override,
+                                                                   prompt):
+    """The tiny model holds 2,048 positions (lsp.models): the error names both numbers."""
+    from lsp.train import train
+
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg("experiment=smoke", override))
+    message = str(err.value)
+    assert prompt in message and "max_position_embeddings=2048" in message, message
+    assert not list(workdir.rglob("history.csv"))  # no step ran

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from lsp.chat import set_chat_date
+from lsp.chat import render_chat, set_chat_date
 from lsp.config import ConfigError, check_models, validate
 from lsp.engines import EnginePool, VLLMSettings
 from lsp.engines.sampling import SamplingConfig
@@ -137,12 +137,37 @@ def build_module(cfg: DictConfig, device: str, resume_from: Path | None,
     reward, self_reward = build_rewards(cfg, pool)
     optimizer = instantiate(cfg.optim, _partial_=True)
     settings = settings_from(cfg, device, world_size)
+    check_context(cfg, policy, tokenizer, settings)
     constraints = constraint_sampler(cfg, reward)
     # The policy's engine per role (one shared engine when both roles name the same kind).
     roles = {role: engines.get(cfg.rollout[role].engine, policy, tokenizer, policy_path, m.dtype,
                                settings.amp_dtype, pushed=True) for role in ("challenger", "solver")}
     return SelfPlayModule(policy, reference, tokenizer, reward, self_reward, settings, optimizer,
                           engines=roles, constraints=constraints, engine_pool=engines)
+
+
+def check_context(cfg: DictConfig, policy, tokenizer, settings: SelfPlaySettings) -> None:
+    """Refuse, before step 1, lengths the policy's positions cannot hold: the Challenger's prompt
+    plus its answer, and the Solver's prompt (the chat template around a query of up to
+    rollout.challenger.max_new_tokens tokens, or the prompt file's longest) plus its answer."""
+    limit = getattr(policy.config, "max_position_embeddings", None)
+    if not limit:
+        return
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(render_chat(tokenizer, text), add_special_tokens=False).input_ids)
+
+    r, queries = cfg.rollout, settings.prompt_queries
+    query = max(map(tokens, queries)) if queries else tokens("") + r.challenger.max_new_tokens
+    needs = {"rollout.solver.max_new_tokens": (query, r.solver.max_new_tokens)}
+    if not queries:
+        needs["rollout.challenger.max_new_tokens"] = (tokens(settings.challenger_prompt),
+                                                      r.challenger.max_new_tokens)
+    for key, (prompt, new) in needs.items():
+        if prompt + new > limit:
+            raise ConfigError(f"invalid config: {key}={new}: a prompt of up to {prompt} tokens plus "
+                              f"{new} new tokens is {prompt + new}, more than the model's "
+                              f"max_position_embeddings={limit}")
 
 
 def constraint_sampler(cfg: DictConfig, reward) -> ConstraintSampler | None:
