@@ -26,11 +26,13 @@ def columns(x: list[float]) -> np.ndarray:
 
 # ---- run names -------------------------------------------------------------------------------
 def test_split_run_tolerates_names_without_a_seed():
-    assert P.split_run("lsp-0") == ("lsp", 0)
-    assert P.split_run("lsp_zero-12") == ("lsp_zero", 12)
-    assert P.split_run("base-2") == ("base", 2)
-    assert P.split_run("lsp") == ("lsp", None) and P.split_run("my-arm") == ("my-arm", None)
-    assert P.run_name("grpo", 1) == "grpo-1" and P.run_name("grpo", None) == "grpo"
+    from lsp.study.params import run_name, split_run
+
+    assert split_run("lsp-0") == ("lsp", 0)
+    assert split_run("lsp_zero-12") == ("lsp_zero", 12)
+    assert split_run("base-2") == ("base", 2)
+    assert split_run("lsp") == ("lsp", None) and split_run("my-arm") == ("my-arm", None)
+    assert run_name("grpo", 1) == "grpo-1"
 
 
 # ---- hand-computed: 2 seeds x 4 prompts ------------------------------------------------------

@@ -247,7 +247,7 @@ def test_report_with_nothing_but_an_evaluation(study, tmp_path):
 def test_cli_discovers_arms_under_root(study, tmp_path, capsys):
     path = main(["--root", str(study["root"]), "--out", str(tmp_path / "cli"), "--title", "Smoke"])
     md = path.read_text()
-    assert md.startswith("# Smoke") and "Arms: lsp, lsp_zero." in md
+    assert md.startswith("# Smoke") and "Runs: lsp, lsp_zero." in md
     assert "report:" in capsys.readouterr().out
 
 

@@ -13,6 +13,14 @@ percentages to 0.1 point, rewards and KL to 3 decimals, p-values to 3 significan
 - ifeval:  prompt_strict, prompt_loose (%), and for an arm delta (prompt-level strict minus the
            base, points, paired) and p (exact McNemar); its bootstrap 95% CI is in details.json
            and the report (two more columns would take `dvc metrics show` past 160 characters)
+- pooled (the report stage; lsp.study.pooled), per arm (metrics/pooled/<arm>.json): seen_loose
+           (the primary endpoint: seen-type IFEval prompts, prompt-level loose, the mean over
+           seeds of the paired difference against base-<seed>, points), ci_low / ci_high (its
+           two-level bootstrap 95% CI), seed_sd (null with one seed), n_seeds, win_rate (the
+           AlpacaEval win rate against base-<seed>, pooled, %); for the base
+           (metrics/pooled/base.json) card (IFEval in the model card's form, %) with the same
+           ci_low, ci_high, seed_sd, n_seeds. The arm's MLflow parent also gets all_strict,
+           all_loose, held_out_loose (pooled differences) and win_ci_low / win_ci_high
 """
 
 from __future__ import annotations
@@ -69,3 +77,34 @@ def ifeval_figures(details: Mapping) -> dict:
     if paired:
         out |= {"delta": _r(100 * paired["difference"], 1), "p": float(f"{paired['mcnemar_p']:.3g}")}
     return out
+
+
+def _spread(p: Mapping) -> dict:
+    """A pooled figure's (lsp.study.pooled.pooled) 95% CI, seed SD and seed count."""
+    lo, hi = p.get("ci95") or (None, None)
+    return {"ci_low": _r(lo, 1), "ci_high": _r(hi, 1), "seed_sd": _r(p.get("seed_sd"), 1),
+            "n_seeds": p.get("n_seeds", 0)}
+
+
+def pooled_figures(arm: Mapping) -> dict:
+    """One arm's pooled statistics (the report's pooled.json, `arms.<arm>`) -> the primary
+    endpoint with its CI, seed SD and seed count, and the pooled AlpacaEval win rate."""
+    primary = arm["ifeval"]["seen"]["prompt_loose"]
+    return {"seen_loose": _r(primary.get("estimate"), 1), **_spread(primary),
+            "win_rate": _r(arm["alpaca"]["overall"].get("estimate"), 1)}
+
+
+def pooled_extra(arm: Mapping) -> dict:
+    """The arm's secondary pooled figures, for its MLflow parent only (`dvc metrics show` keeps
+    to a dozen columns): IFEval differences on all and held-out prompts, the win rate's CI."""
+    ife = arm["ifeval"]
+    lo, hi = arm["alpaca"]["overall"].get("ci95") or (None, None)
+    return {"all_strict": _r(ife["all"]["prompt_strict"].get("estimate"), 1),
+            "all_loose": _r(ife["all"]["prompt_loose"].get("estimate"), 1),
+            "held_out_loose": _r(ife["held_out"]["prompt_loose"].get("estimate"), 1),
+            "win_ci_low": _r(lo, 1), "win_ci_high": _r(hi, 1)}
+
+
+def card_figures(card: Mapping) -> dict:
+    """The base in the model card's IFEval form (the report's pooled.json, `base.card`)."""
+    return {"card": _r(card.get("estimate"), 1), **_spread(card)}

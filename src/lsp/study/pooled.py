@@ -1,6 +1,6 @@
 """Pooled statistics across seeds: one arm's effect against the base, over S seeds x n prompts.
 
-A study run is `<arm>-<seed>` (`lsp-0`, `grpo-2`); the base model is evaluated under each seed as
+A study run is `<arm>-<seed>` (`lsp-0`, `grpo-2`; lsp.study.params.run_name); the base model is evaluated under each seed as
 `base-<seed>`, and run `<arm>-<s>` is paired with `base-<s>` on the same prompts. Per arm:
 - per seed s: the paired difference d_s (points) of a figure (IFEval prompt-level strict / loose,
   instruction-level) between `<arm>-<s>` and `base-<s>`; for AlpacaEval the win rate w_s (%, ties
@@ -25,7 +25,6 @@ files, the report stage (`pipelines/report.py`) publishes the headline figures.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -34,20 +33,8 @@ N_BOOT = 10_000
 BOOT_SEED = 0  # the bootstrap's fixed RNG seed: the same inputs give the same CI
 CARD_IFEVAL = 29.9  # SmolLM2-135M-Instruct's model card: IFEval, mean of prompt and instruction strict
 MULTINOMIAL_MAX = 64  # up to this many distinct prompt rows: draw counts per distinct row
-RUN_NAME = re.compile(r"^(?P<arm>.+)-(?P<seed>\d+)$")
 
 Stat = Callable[[np.ndarray], np.ndarray]  # column sums (B, k) -> statistic (B,)
-
-
-def split_run(name: str) -> tuple[str, int | None]:
-    """`lsp-0` -> ("lsp", 0); `lsp_zero-12` -> ("lsp_zero", 12); a name without a numeric seed
-    suffix (`lsp`, `base`, `my-arm`) -> (name, None)."""
-    found = RUN_NAME.match(name)
-    return (found["arm"], int(found["seed"])) if found else (name, None)
-
-
-def run_name(arm: str, seed: int | None) -> str:
-    return arm if seed is None else f"{arm}-{seed}"
 
 
 # ---- statistics of column sums ---------------------------------------------------------------

@@ -23,10 +23,11 @@ from pathlib import Path
 import yaml
 
 from lsp.errors import exit_on_input_error
-from lsp.io import read_jsonl
+from lsp.io import atomic_write_json, read_jsonl
 from lsp.selfplay.callbacks import read_history
-from lsp.study import report_ifeval
+from lsp.study import report_ifeval, report_pooled
 from lsp.study.markdown import table
+from lsp.study.params import split_run
 from lsp.study.plots import arm_colors, plot_selection, plot_training_curves, plot_win_rates
 from lsp.study.report_sections import (
     baselines,
@@ -172,13 +173,20 @@ def render_figures(arms: list[Arm], out_dir: Path, ifeval: dict | None = None
 
 
 def render_markdown(arms: list[Arm], figures: dict[str, Path | None], title: str,
-                    n_steps: int = 3, per_step: int = 3, ifeval: dict | None = None) -> str:
-    lines = [f"# {title}", "", f"Arms: {', '.join(a.name for a in arms) or 'none'}.", ""]
+                    n_steps: int = 3, per_step: int = 3, ifeval: dict | None = None,
+                    pooled: dict | None = None, protocol: Path | None = None) -> str:
+    """The report; `pooled` (report_pooled.compute) adds the protocol's primary endpoint and the
+    per-seed and pooled tables before the per-model results."""
+    lines = [f"# {title}", "", f"Runs: {', '.join(a.name for a in arms) or 'none'}.", ""]
     lines += missing_section(arms)
+    if pooled is not None:
+        lines += report_pooled.protocol_section(protocol)
+        lines += report_pooled.pooled_section(pooled)
     if ifeval is not None:
         lines += report_ifeval.section(ifeval, [a.name for a in arms], figures.get("ifeval_types"))
     lines += results_section(arms, figures.get("win_rates"))
     lines += training_section(arms, figures.get("curves"))
+    lines += report_pooled.signal_section(arms)
     lines += queries_section(arms, n_steps, per_step)
     lines += selection_section(arms, figures.get("selection"))
     lines += provenance_section(arms, figures)
@@ -192,20 +200,24 @@ def _path(p) -> Path | None:
 def build_report(train_dirs: dict[str, Path], select_dirs: dict[str, Path],
                  eval_dirs: dict[str, Path], out_dir: Path, title: str = TITLE,
                  sample_steps: int = 3, queries_per_step: int = 3,
-                 ifeval_dir: Path | None = None) -> Path:
-    """Writes `out_dir/report.md` and its PNGs; returns the Markdown's path. Arms are the union
-    of the three mappings' keys, in that order; any input may be missing. `ifeval_dir` holds
-    `<name>/details.json` for the base and the arms (the IFEval section)."""
+                 ifeval_dir: Path | None = None, protocol: Path | None = None,
+                 n_boot: int = report_pooled.P.N_BOOT) -> Path:
+    """Writes `out_dir/report.md`, its PNGs and `pooled.json` (the pooled statistics); returns
+    the Markdown's path. Runs (`<arm>-<seed>`) are the union of the three mappings' keys, in
+    that order; any input may be missing. `ifeval_dir` holds `<name>/details.json` and
+    `records.jsonl` for `base-<seed>` and the runs; `protocol` is docs/protocol.md."""
     names = list(dict.fromkeys([*train_dirs, *select_dirs, *eval_dirs]))
     arms = [load_arm(n, _path(train_dirs.get(n)), _path(select_dirs.get(n)),
                      _path(eval_dirs.get(n))) for n in names]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ifeval = None if ifeval_dir is None else report_ifeval.load(ifeval_dir, names)
+    pooled = report_pooled.compute(names, _path(ifeval_dir), eval_dirs, n_boot)
+    atomic_write_json(out_dir / "pooled.json", pooled)
     figures = render_figures(arms, out_dir, ifeval)
     report = out_dir / "report.md"
     report.write_text(render_markdown(arms, figures, title, sample_steps, queries_per_step,
-                                      ifeval))
+                                      ifeval, pooled, protocol))
     return report
 
 
@@ -218,13 +230,18 @@ def _named(value: str) -> tuple[str, Path]:
 
 
 def discover(root: Path) -> tuple[dict, dict, dict]:
-    """Arms under `<root>/train/<arm>`, `<root>/select/<arm>`, `<root>/evaluate/<arm>`."""
+    """Runs under `<root>/train/<run>`, `<root>/select/<run>`, `<root>/evaluate/<run>`; a run
+    with IFEval results only (`<root>/ifeval/<run>`, the bases `base-<seed>` aside) is taken
+    too, with its (missing) evaluation folder."""
     found = []
-    for stage in ("train", "select", "evaluate"):
+    for stage in ("train", "select", "evaluate", "ifeval"):
         folder = root / stage
         found.append({p.name: p for p in sorted(folder.iterdir()) if p.is_dir()}
                      if folder.is_dir() else {})
-    return found[0], found[1], found[2]
+    train, select, evals, ifeval = found
+    known = {*train, *select, *evals}
+    extra = [n for n in ifeval if n not in known and split_run(n)[0] != "base"]
+    return train, select, evals | {n: root / "evaluate" / n for n in extra}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -239,6 +256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ifeval-dir", type=Path,
                    help="IFEval results (<dir>/<name>/details.json; default ROOT/ifeval)")
     p.add_argument("--out", type=Path, default=Path("artifacts/report"), help="output folder")
+    p.add_argument("--protocol", type=Path, default=Path("docs/protocol.md"),
+                   help="the study protocol whose primary endpoint the report quotes")
+    p.add_argument("--n-boot", type=int, default=report_pooled.P.N_BOOT,
+                   help="bootstrap replicates of the pooled 95%% CIs")
     p.add_argument("--title", default=TITLE)
     p.add_argument("--sample-steps", type=int, default=3, help="steps shown per arm")
     p.add_argument("--queries-per-step", type=int, default=3)
@@ -256,7 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
     evals |= dict(args.eval_dir)
     ifeval = args.ifeval_dir or (args.root / "ifeval" if args.root else None)
     path = build_report(train, select, evals, args.out, args.title, args.sample_steps,
-                        args.queries_per_step, ifeval)
+                        args.queries_per_step, ifeval, args.protocol, args.n_boot)
     print(f"report: {path}")
     return path
 
