@@ -69,3 +69,12 @@ bench-install:
 
 bench:
 	HF_HUB_OFFLINE=1 $(BENCH_VENV)/bin/python benchmarks/bench_step.py $(BENCH_ARGS)
+
+# The prepared device check (issue 36, docs/gpu.md): one step of the paper's setting (Llama-3.2-1B
+# and 3B shapes, random weights, full and LoRA, engine lsp) and ONE verdict table. On the lent GPU
+# machine, with its own torch and transformers and no .venv: make gpu-check GPU_PYTHON=python3
+# (missing small packages travel as wheels: docs/gpu.md). CPU, tiny size: make gpu-check ARGS="--size tiny"
+GPU_PYTHON ?= $(BIN)/python
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)

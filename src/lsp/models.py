@@ -166,13 +166,22 @@ def _write_marker(folder: Path, info: dict) -> None:
     (folder / DONE_MARKER).write_text(json.dumps(info, indent=2))
 
 
-def byte_level_tokenizer():
-    """A ChatML tokenizer over raw bytes: no download, every string encodable."""
+def byte_level_tokenizer(size: int | None = None):
+    """A ChatML tokenizer over raw bytes: no download, every string encodable. `size`: a vocabulary
+    of `size` tokens before the 3 special ones (a model-sized LM head, e.g. Llama-3's 128,256 in
+    all): the tokens past the 256 bytes are byte pairs and triples, never produced by encoding (no merges)
+    but decoded like any token, so a random model's samples still decode to text."""
+    import itertools
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    words = ("".join(p) for n in (2, 3) for p in itertools.product(alphabet, repeat=n))
+    for word in itertools.islice(words, max((size or 0) - len(vocab), 0)):
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(

@@ -115,10 +115,19 @@ def _plain_generation_config(model):
         model.generation_config = saved
 
 
+SYNC_EVERY = 16  # off the CPU: decoding steps between the host's checks that every row ended
+
+
 def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int], pad_id: int,
-           greedy: bool = False) -> Tensor:
+           greedy: bool = False, sync_every: int | None = None) -> Tensor:
     """Left-padded prompts ids, mask (B, P) -> (B, C) sampled completion ids, C <= max_new_tokens,
-    `pad_id` after a row's EOS. KV-cache decoding with shared prompt prefill (module doc)."""
+    `pad_id` after a row's EOS (or, off the CPU, anything: the caller masks after EOS).
+    KV-cache decoding with shared prompt prefill (module doc). sync_every (None: 1 on the CPU,
+    else SYNC_EVERY): 1 checks every step on the host whether rows ended and drops them from
+    the batch (less work: CPU); k > 1 keeps every row and asks the host every k steps only
+    (`_decode_on_device`: no host synchronisation in between, so a GPU is never left idle)."""
+    if sync_every is None:
+        sync_every = 1 if ids.device.type == "cpu" else SYNC_EVERY
     batch, width = ids.shape
     groups = prompt_groups(ids, mask, width)
     groups = torch.arange(batch, device=ids.device) if groups is None else groups  # (B,)
@@ -132,6 +141,9 @@ def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int]
     logits = out.logits[:, -1][groups]  # (B, V)
     tokens = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     eos_t = torch.tensor(eos, device=ids.device)
+    if sync_every > 1:
+        return _decode_on_device(model, name, cache, logits, tokens, mask, pos[:, -1] + 1, cfg,
+                                 eos_t, greedy, sync_every)
     rows = torch.arange(batch, device=ids.device)  # original index of each active row
     next_pos = pos[:, -1] + 1  # (A,)
     for t in range(cfg.max_new_tokens):
@@ -147,6 +159,30 @@ def decode(model, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: list[int]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                        use_cache=True, **{name: cache}).logits[:, -1]
+        next_pos = next_pos + 1
+    return tokens[:, : t + 1]
+
+
+def _decode_on_device(model, name, cache, logits, tokens, mask, next_pos, cfg, eos_t, greedy,
+                      sync_every: int) -> Tensor:
+    """`decode`'s loop without host synchronisation between checks: every row stays in the
+    batch (a row that ended samples on, masked later by `completion_mask`), the host reads
+    whether all rows ended every `sync_every` steps only, and an SDPA model gets its attention
+    mask in 4D (B, 1, 1, K) form, which transformers uses as given instead of reading the 2D
+    mask's values on the host at every step (masking_utils' `fast_all`)."""
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)  # (B,)
+    sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    for t in range(cfg.max_new_tokens):
+        nxt = next_token(logits, cfg, greedy)  # (B,)
+        tokens[:, t] = nxt
+        done = done | torch.isin(nxt, eos_t)
+        if t == cfg.max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, K)
+        step_mask = mask[:, None, None, :].bool() if sdpa else mask
+        logits = model(input_ids=nxt[:, None], attention_mask=step_mask,
+                       position_ids=next_pos[:, None], use_cache=True, **{name: cache}
+                       ).logits[:, -1]
         next_pos = next_pos + 1
     return tokens[:, : t + 1]
 
