@@ -17,9 +17,11 @@ from lsp.study.params import (
     run_name,
     select_dir,
 )
+from lsp.study.timings import timed
 
 
 @exit_on_input_error
+@timed(lambda arm, seed: f"generate_base@{seed}" if arm == "base" else f"generate@{arm}-{seed}")
 def main(arm: str, seed: int) -> None:
     params = load_params()
     run = run_name(arm, seed)

@@ -21,9 +21,11 @@ from lsp.study.params import (
     run_name,
     study_logger,
 )
+from lsp.study.timings import timed
 
 
 @exit_on_input_error
+@timed(lambda arm, seed: f"ifeval_base@{seed}" if arm == "base" else f"ifeval@{arm}-{seed}")
 def main(arm: str, seed: int) -> None:
     params = load_params()
     name = run_name(arm, seed)

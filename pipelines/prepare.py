@@ -11,9 +11,11 @@ import tempfile
 from lsp.errors import exit_on_input_error
 from lsp.models import resolve_model
 from lsp.study.params import BASE_MODEL, load_params
+from lsp.study.timings import timed
 
 
 @exit_on_input_error
+@timed(lambda: "prepare")
 def main() -> None:
     params = load_params()
     source = resolve_model(params.model.policy, params.model.cache_dir)

@@ -25,6 +25,7 @@ from lsp.selfplay.prompts import (
     render_challenger_prompt,
 )
 from lsp.study.params import CHALLENGER, arm_queries, load_params, queries_path
+from lsp.study.timings import timed
 
 
 def evaluation_texts(params) -> list[str]:
@@ -50,6 +51,7 @@ def challenger(params) -> tuple[list[dict], dict]:
 
 
 @exit_on_input_error
+@timed(lambda: "prompts")
 def main() -> None:
     params = load_params()
     held_out = None

@@ -19,9 +19,11 @@ from lsp.study.params import (
     select_dir,
     study_logger,
 )
+from lsp.study.timings import timed
 
 
 @exit_on_input_error
+@timed(lambda arm, seed: f"score@{arm}-{seed}")
 def main(arm: str, seed: int) -> None:
     params = load_params()
     run = run_name(arm, seed)

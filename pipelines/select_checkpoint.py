@@ -21,9 +21,11 @@ from lsp.study.params import (
     train_config,
     train_dir,
 )
+from lsp.study.timings import timed
 
 
 @exit_on_input_error
+@timed(lambda arm, seed: f"select@{arm}-{seed}")
 def main(arm: str, seed: int) -> None:
     params = load_params()
     run = run_name(arm, seed)

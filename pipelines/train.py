@@ -21,11 +21,13 @@ from lsp.study.params import (
     train_config,
     train_dir,
 )
+from lsp.study.timings import timed
 from lsp.tracking import publish_figures
 from lsp.train import train
 
 
 @exit_on_input_error
+@timed(lambda arm, seed: f"train@{arm}-{seed}")
 def main(arm: str, seed: int) -> None:
     params = load_params()
     cfg, run = train_config(params, arm, seed), run_name(arm, seed)
