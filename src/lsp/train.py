@@ -187,6 +187,9 @@ def check_world(cfg: DictConfig, world: int, device: str = "cpu") -> None:
     if cfg.rollout.num_queries % world:
         raise ConfigError(f"invalid config: rollout.num_queries={cfg.rollout.num_queries} is the "
                           f"global count per step and must divide by the {world} processes")
+    if cfg.trainer.strategy == "fsdp" and cfg.model.get("lora") and cfg.model.lora.r > 0:
+        raise ConfigError("invalid config: model.lora with trainer.strategy=fsdp is not supported "
+                          "(the adapters and the shared reference are not sharded): use ddp")
     engines = {f"rollout.{r}.engine": cfg.rollout[r].engine for r in ("challenger", "solver")}
     if cfg.algo.self_reward.get("engine"):
         engines["algo.self_reward.engine"] = cfg.algo.self_reward.engine
