@@ -297,15 +297,16 @@ def _code(value: Any) -> str:
 
 
 def table(rows: list[Row], names: list[str]) -> list[str]:
-    """Key | type | allowed | default | the other variants' values where they differ | description."""
-    lines = ["| key | type | allowed | default | set by | description |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """Key | default | the other variants' values where they differ | type, allowed, description."""
+    lines = ["| key | default | set by | type, allowed values: description |",
+             "| --- | --- | --- | --- |"]
     for r in rows:
         default, *others = r.values
         differs = [f"{n}: {_code(v) or 'unset'}" for n, v in zip(names[1:], others, strict=True)
                    if _fmt(v) != _fmt(default)]
-        lines.append(f"| `{r.key}` | {_cell(r.type)} | {_cell(r.allowed)} | {_code(default)} | "
-                     f"{'<br>'.join(differs)} | {_cell(r.description)} |")
+        kind = "; ".join(x for x in (f"*{r.type}*" if r.type else "", r.allowed) if x)
+        about = f"{kind}: {r.description}" if kind else r.description
+        lines.append(f"| `{r.key}` | {_code(default)} | {'<br>'.join(differs)} | {_cell(about)} |")
     return lines
 
 
@@ -315,11 +316,12 @@ def entry_point_section(title: str, config: str, schema, variants: dict) -> list
     out = [f"## {title}", "", f"Composed from `conf/{config}.yaml`; *set by*: the value each of "
            f"{', '.join(f'`{n}`' for n in names[1:]) or 'no variant'} sets where it differs.", ""]
     rows = section_rows(schema, composed)
-    for section in dict.fromkeys(r.key.split(".")[0] for r in rows):
+    top = [r for r in rows if "." not in r.key and not any(x.key.startswith(f"{r.key}.")
+                                                          for x in rows)]
+    for section in dict.fromkeys(r.key.split(".")[0] for r in rows if r not in top):
         part = [r for r in rows if r.key.split(".")[0] == section]
-        out += [f"### `{section}`" if len(part) > 1 else f"### `{section}` (top level)", ""]
-        out += table(part, names) + [""]
-    return out
+        out += [f"### `{section}`", ""] + table(part, names) + [""]
+    return out + ["### Top-level keys", ""] + table(top, names) + [""]
 
 
 def group_section(config: str, group: str, key: str) -> list[str]:
