@@ -213,6 +213,10 @@ def test_full_report(study, tmp_path):
     assert "solver reward 1.25 (mean of 2)" in md and "self-reward 4.50" in md
     assert "invalid (truncated)" in md
     assert "## How this report was produced" in md and "Missing inputs" not in md
+    # runs without seed suffixes and without per-prompt records: nothing to pool, said so; the
+    # histories log the overall reward std only (before the within-group metrics)
+    assert "No per-prompt records to pool" in md and "**The protocol is missing**" in md
+    assert "| lsp_zero | 1      | -         | 0.100" in md and "predate the within-group" in md
 
 
 def test_resumed_history_keeps_the_last_row_per_step(study):

@@ -274,7 +274,11 @@ def pooled_section(stats: Mapping) -> list[str]:
             "types it never draws.", "", "**IFEval, prompt-level Δ vs base (points)**", ""]
     out += ifeval_table(stats)
     out += ["**AlpacaEval win rate vs base (%, ties ½; 50 = no difference)**", ""]
-    out += alpaca_table(stats)
+    if any(a["alpaca"]["overall"]["n_seeds"] for a in stats["arms"].values()):
+        out += alpaca_table(stats)
+    else:
+        out += ["No per-instruction judgements to pool "
+                "(`<evaluate>/<run>/vs_base/annotations.json`).", ""]
     out += ["**The base in the model card's form** (IFEval = mean of prompt-level and "
             "instruction-level strict accuracy, as SmolLM2-135M-Instruct's card reports it, with "
             "lighteval; here lm-eval's checkers on the embedded model):", ""]
@@ -348,4 +352,7 @@ def signal_section(arms: Sequence[Arm]) -> list[str]:
             "unweighted; R = Σ weight × component). The overall std also counts the spread "
             "between queries, which a group baseline removes.", ""]
     out += table(["Arm", "runs", "weights", *(_label(k) for k in keys)], rows)
+    if not any(k.endswith("group_std") for k in keys):
+        out += ["These runs predate the within-group metrics (`*_group_std`, "
+                "lsp.selfplay.metrics): only the overall stds are shown.", ""]
     return out
