@@ -60,3 +60,15 @@ def test_the_readme_is_short_and_says_how_to_serve_the_docs():
     text = (REPO / "README.md").read_text()
     assert len(text) <= 15_000, len(text)
     assert "make docs-serve" in text and "make install" in text and "make test" in text
+
+
+def test_the_yaml_comments_are_read_by_nested_key():
+    from lsp.config.conf_comments import file_comments
+
+    text = ("a:                # the a node\n"
+            "  b: 1            # b's why\n"
+            "  c: {d: 2}       # flow style: not read\n"
+            "e: '#not a comment'\n"
+            "f: 3  # f's why\n"
+            "  # a continuation line\n")
+    assert file_comments(text, "g.") == {"g.a": "the a node", "g.a.b": "b's why", "g.f": "f's why"}

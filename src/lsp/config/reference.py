@@ -12,6 +12,7 @@ tests/test_docs.py fails when a field has no description or the committed page i
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -22,24 +23,31 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel
 
+from lsp.config.conf_comments import conf_comments
 from lsp.config.schema import EvaluateConfig, IFEvalConfig, SelectConfig, StudyParams, TrainConfig
 
 REPO = Path(__file__).resolve().parents[3]
 CONF = REPO / "conf"
 PAGE = REPO / "docs" / "reference" / "configuration.md"
 
+
+def _variants(group: str, default: str) -> dict[str, list[str]]:
+    """The default column, then one per file of conf/<group>/ (every experiment, every study)."""
+    names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    out = {default: []}
+    out |= {f"{group}={n}": [f"{group}={n}"] for n in names if f"{group}={n}" not in default}
+    return out
+
+
 # (title, config file, schema, variant column -> overrides); the first variant is the default.
 ENTRY_POINTS = [
-    ("python -m lsp.train", "train", TrainConfig,
-     {"default": [], "experiment=smoke": ["experiment=smoke"],
-      "experiment=cpu_smollm": ["experiment=cpu_smollm"],
-      "experiment=paper_llama3b": ["experiment=paper_llama3b"]}),
+    ("python -m lsp.train", "train", TrainConfig, _variants("experiment", "default")),
     ("python -m lsp.select", "select", SelectConfig, {"default": ["run_dir=RUN"]}),
     ("python -m lsp.evaluate", "evaluate", EvaluateConfig,
      {"default": [], "eval=quick": ["eval=quick"]}),
     ("python -m lsp.ifeval", "ifeval", IFEvalConfig, {"default": []}),
     ("The study: params.yaml (dvc repro)", "pipeline", StudyParams,
-     {"study=cpu (default)": [], "study=smoke": ["study=smoke"], "study=paper": ["study=paper"]}),
+     _variants("study", "study=cpu (default)")),
 ]
 # The choices of the _target_ groups, each listed with its target's parameters.
 GROUPS = [("train", "reward", "reward"), ("evaluate", "eval/judge", "eval.judge")]
@@ -229,8 +237,16 @@ def _mapping_rows(key: str, ann, info, variants: list[dict], flats: list[dict]) 
     # in the order of the first variant that has them (dict keys keep the composed order)
     under = dict.fromkeys(k for f in flats for k in f if k.startswith(f"{key}."))
     for sub in under:
-        rows.append(Row(sub, *_parameter(variants, sub), [lookup(f, sub) for f in flats]))
+        kind, allowed_values, about = _parameter(variants, sub)
+        note = _comments().get(sub)  # the shipped YAML's comment on the key (conf_comments)
+        about = f"{note} ({about})" if note and about else note or about
+        rows.append(Row(sub, kind, allowed_values, about, [lookup(f, sub) for f in flats]))
     return rows
+
+
+@functools.cache
+def _comments() -> dict[str, str]:
+    return conf_comments(CONF)
 
 
 def _parameter(variants: list[dict], key: str) -> tuple[str, str, str]:
@@ -263,7 +279,7 @@ def _parameter(variants: list[dict], key: str) -> tuple[str, str, str]:
             return "", "", f"{inside}parameter of `{target}`"
         p = params.get(param)
         default = "" if p is None or p.default is inspect.Parameter.empty or inside \
-            else f" (signature default `{_fmt(p.default)}`)"
+            else f", signature default `{_fmt(p.default)}`"
         kind = type_name(hints[param]) if param in hints and not inside else ""
         return kind, allowed(hints[param]) if kind else "", \
             f"{inside}parameter of `{target}`{default}"
