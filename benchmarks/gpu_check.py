@@ -309,11 +309,41 @@ def parse_args(argv=None):
     p.add_argument("--override", action="append", default=[], help="a further Hydra override")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--memory-table", action="store_true", help="print docs/gpu.md's table, exit")
+    p.add_argument("--isolate", action="store_true",
+                   help="each variant in its own process (always on CUDA)")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # size:mode, run by `variant`
     return p.parse_args(argv)
 
 
+def variant(args, size: str, mode: str, device: str) -> dict:
+    """`run_variant`'s row, or the failure as a row. On CUDA (or with --isolate) in a fresh
+    subprocess: its own CUDA context and peak, and nothing of the previous variant left in
+    memory (a 1B step's 25 GB would not fit beside the 3B's)."""
+    if not (args.isolate or device.startswith("cuda")) or args.variant:
+        try:
+            return run_variant(args, size, mode, device)
+        except Exception as err:  # one failed variant still leaves the others' rows
+            return {"size": size, "mode": mode, "device": device,
+                    "error": f"{type(err).__name__}: {err}"[:300]}
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, __file__, *args.argv, "--variant", f"{size}:{mode}",
+               "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if out.exists():
+            return json.loads(out.read_text())[0]
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        return {"size": size, "mode": mode, "device": device,
+                "error": f"exit {proc.returncode}: {' / '.join(tail)}"[:300]}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = [a for a in argv if a != "--json" and not a.endswith(".json")]
     if args.memory_table:
         from gpu_memory import markdown
 
@@ -324,16 +354,15 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     args.device = device
     sizes = args.size or (["1b", "3b"] if device.startswith("cuda") else ["tiny"])
+    pairs = [(size, mode) for size in sizes for mode in args.modes]
+    if args.variant:
+        pairs = [tuple(args.variant.split(":"))]
     rows = []
-    for size in sizes:
-        for mode in args.modes:
-            try:
-                rows.append(run_variant(args, size, mode, device))
-            except Exception as err:  # one failed variant still leaves the others' rows
-                rows.append({"size": size, "mode": mode, "device": device,
-                             "error": f"{type(err).__name__}: {err}"[:300]})
-            print(f"[gpu_check] {size} {mode} done", file=sys.stderr, flush=True)
-    print(table(rows))
+    for size, mode in pairs:
+        rows.append(variant(args, size, mode, device))
+        print(f"[gpu_check] {size} {mode} done", file=sys.stderr, flush=True)
+    if not args.variant:
+        print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0 if all(r.get("pass") for r in rows) else 1
