@@ -293,3 +293,13 @@ def test_the_report_stage_publishes_per_arm_metrics_and_parents(study, tmp_path,
     metrics = parents["lsp"].data.metrics
     assert metrics["pooled/seen_loose"] == 16.7 and metrics["pooled/held_out_loose"] == 50.0
     assert parents["base"].data.metrics["pooled/card"] == 25.0
+
+
+def test_a_seed_without_its_base_records_is_not_pooled_and_named(study, tmp_path):
+    (study / "ifeval" / "base-1" / "records.jsonl").unlink()
+    md = report(study, tmp_path / "out")
+    assert "for want of IFEval records (`records.jsonl`) of: base-1." in md
+    rows = rows_of(md[md.index("**IFEval, prompt-level"):md.index("**AlpacaEval win")])
+    # seed 0 alone: lsp +33.3 on seen loose, one seed (no seed SD)
+    assert rows["**lsp** pooled"][1] == "1" and rows["**lsp** pooled"][5].startswith("+33.3 [")
+    assert rows["**lsp** pooled"][5].endswith("SD n/a") and rows["lsp-1"][5] == "-"

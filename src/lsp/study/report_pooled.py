@@ -98,8 +98,9 @@ def compute(names: Sequence[str], ifeval_dir: Path | None, eval_dirs: Mapping[st
             records = _records(ifeval_dir, run)
             if records is not None and base_records.get(seed) is not None:
                 ife[seed] = (records, base_records[seed])
-            elif ifeval_dir:
-                missing.append(f"IFEval records of {run} or {bases[seed]}")
+            for name, got in ((run, records), (bases[seed], base_records.get(seed))):
+                if ifeval_dir and got is None and name not in missing:
+                    missing.append(name)  # no IFEval records: the seed is not pooled
             prefs = preferences(eval_dirs.get(run))
             if prefs is not None:
                 alp[seed] = prefs
@@ -284,7 +285,8 @@ def pooled_section(stats: Mapping) -> list[str]:
             "lighteval; here lm-eval's checkers on the embedded model):", ""]
     out += card_table(stats)
     if stats["missing"]:
-        out += [f"Not pooled (missing): {'; '.join(stats['missing'])}.", ""]
+        out += ["Seeds not pooled for want of IFEval records (`records.jsonl`) of: "
+                f"{', '.join(stats['missing'])}.", ""]
     return out
 
 
