@@ -200,7 +200,7 @@ def check_world(cfg: DictConfig, world: int, device: str = "cpu") -> None:
         # yet run on a GPU here. On CPUs each rank runs its own engine (lsp.engines.vllm).
         raise ConfigError(f"invalid config: {', '.join(vllm)}=vllm with {world} GPU processes is "
                           "not supported yet (every rank's engine would be placed on cuda:0; "
-                          "README, 'Several processes'): use engine=lsp")
+                          "docs/training.md, 'Several processes'): use engine=lsp")
 
 
 def build_logger(cfg: DictConfig, run_id: str | None) -> BufferedMLFlowLogger:

@@ -18,7 +18,7 @@ gathered, global normalisers, rank 0 writes); what sharding changes:
   `SelfPlayFSDP.optimizer_state`), so a checkpoint loads with `from_pretrained` and resumes on any
   number of ranks with `fsdp`.
 
-Frozen models (reference, reward, judge) are not sharded: each rank holds its own copy (README,
+Frozen models (reference, reward, judge) are not sharded: each rank holds its own copy (docs/training.md,
 "Several processes", memory per GPU).
 """
 
