@@ -17,7 +17,6 @@ def test_each_invocation_is_recorded_and_summed(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return arm
 
-    # the decorator's default folder is bound at import: record() is given it explicitly here
     timings.record("train@lsp-0", 12.5, ok=False, folder=tmp_path)
     timings.record("train@lsp-0", 30.0, ok=True, folder=tmp_path)
     assert timings.load(tmp_path) == {"train@lsp-0": {"seconds": 42.5, "invocations": 2, "ok": True}}

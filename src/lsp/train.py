@@ -89,6 +89,7 @@ def settings_from(cfg: DictConfig, device: str, world_size: int = 1) -> SelfPlay
         engine_correction=a.get("engine_correction", "none"), tis_cap=a.get("tis_cap", 2.0),
         canary=(r.canary.max_gap_ratio, r.canary.min_gap) if r.get("canary") else (5.0, 0.01),
         alpha_ch=a.alpha_ch, scale_std=a.scale_std, invalid_query=a.invalid_query,
+        invalid_margin=a.invalid_margin, invalid_margin_scale=a.invalid_margin_scale,
         self_reward_weight=a.self_reward.weight if a.self_reward.enabled else 0.0,
         micro_batch_size=cfg.trainer.micro_batch_size, grad_clip=cfg.trainer.grad_clip,
         group_by_length=cfg.trainer.group_by_length,

@@ -27,7 +27,7 @@ from lsp.config.checks import (
     rule,
     target_node,
 )
-from lsp.selfplay.advantages import INVALID_QUERY_RULES
+from lsp.selfplay.advantages import INVALID_QUERY_RULES, MARGIN_SCALES
 from lsp.selfplay.losses import AGGREGATIONS, ENGINE_CORRECTIONS, KL_ESTIMATORS, KL_PLACEMENTS
 
 
@@ -146,7 +146,9 @@ class AlgoSection(Section):
     aggregation: choice(*AGGREGATIONS) = Field(description="Loss aggregation: seq_sum (paper), token_mean or seq_mean.")
     alpha_ch: Annotated[float, rule(lambda v: v >= 0, "the Challenger loss weight must be >= 0")] = Field(description="Weight of the Challenger's loss (paper silent: 1.0).")
     scale_std: bool = Field(description="Divide advantages by the group std (paper: no).")
-    invalid_query: choice(*INVALID_QUERY_RULES) = Field(description="Degenerate queries: penalize (lowest valid Challenger reward - 1) or skip.")
+    invalid_query: choice(*INVALID_QUERY_RULES) = Field(description="Degenerate queries: penalize (lowest valid Challenger reward minus the margin) or skip.")
+    invalid_margin: Annotated[float, rule(lambda v: v >= 0, "the invalid-query margin must be >= 0")] = Field(description="penalize: how far below the worst valid query an invalid one sits, in units of invalid_margin_scale.")
+    invalid_margin_scale: choice(*MARGIN_SCALES) = Field(description="spread: the margin is in units of the step's valid Solver reward std (default); absolute: in reward units (the rule before issue 35).")
     # enabled and weight are ours; the rest is the self-reward's _target_ node
     self_reward: dict = Field(description="The quality self-reward R_Q: enabled, weight, and its _target_ node (lsp.selfplay.rewards.QualitySelfReward).")
     engine_correction: choice(*ENGINE_CORRECTIONS) = Field("none", description="Correction for the engine sampling a slightly different distribution than the policy trains (lsp.selfplay.losses.engine_weights): none, tis (truncated sequence importance weights, exact when the cap covers every ratio) or tis_token (TRL's per-token weights).")
@@ -338,15 +340,13 @@ class ArmSection(Section):
     per-arm overrides of a training section (checked with the arm's whole train config)."""
 
     algo: dict = Field(description="The arm's algo group and overrides (e.g. beta).")
-    init: Name = Field(description="DVC path of the model the arm starts from.")
-    queries: Name = Field(description="DVC path its queries come from (the Challenger's code, or a prompt file).")
+    queries: Name = Field(description="Where its queries come from: challenger (self-play) or the name of a prompt set (a data arm).")
     model: dict | None = Field(None, description="Per-arm overrides of the model section.")
     reward: dict | None = Field(None, description="Per-arm overrides of the reward.")
     rollout: dict | None = Field(None, description="Per-arm overrides of the rollout section.")
     optim: dict | None = Field(None, description="Per-arm overrides of the optimiser (e.g. arms.grpo.optim.lr).")
     trainer: dict | None = Field(None, description="Per-arm overrides of the trainer section.")
     callbacks: dict | None = Field(None, description="Per-arm overrides of the callbacks.")
-    seed: StrictInt | None = Field(None, description="The arm's seed (null: the study's).")
 
 
 class PromptSetSection(Section):
@@ -373,8 +373,9 @@ class StudyParams(Section):
     prompt_sets: dict[str, PromptSetSection] = Field(description="Prompt sets by name (the GRPO arms' instructions).")
     eval: EvalSection = Field(description="AlpacaEval settings of the study.")
     algo: dict[str, Any] = Field(description="Study-wide algo knobs the arms interpolate (e.g. beta).")  # study-wide algo knobs the arms interpolate (e.g. beta)
-    grpo_prompt_file: str | None = Field(None, description="The GRPO arms' instructions (baselines=grpo).")
-    seed: StrictInt = Field(description="Random seed of every stage.")
+    grpo_prompt_file: str | None = Field(None, description="The data control arm's instruction file (prompt_sets.grpo).")
+    seeds: Annotated[list[StrictInt], rule(lambda v: bool(v) and len(set(v)) == len(v), "a non-empty list of distinct seeds")] = Field(description="The seeds every arm is trained and evaluated with, and the base evaluated with (one DVC stage per arm x seed).")
+    seed: StrictInt = Field(description="The seed of data draws shared by every run (the validation prompts' constraints).")
     device: Device = Field(description="auto, cpu, cuda, cuda:<index> or mps.")
     model_cache_dir: str | None = Field(None, description="Where converted and tiny models are kept.")
     select: StudySelectSection = Field(description="Checkpoint selection on the project's validation prompts.")

@@ -21,7 +21,6 @@ Departures from / choices beyond the paper (each a named option in conf/):
   different distribution than the policy trains (lsp.selfplay.losses.engine_weights).
 - `model.lora` (default off, lsp.lora): adapters train; pi_ref is the policy with them disabled.
 
-
 Data parallel (`trainer.strategy=ddp`, `lsp.selfplay.distributed`): every rank plays its share of the
 step's queries; the ranks' batches are gathered into the global batch, on which advantages,
 hooks' `on_rewards_computed` and metrics are computed identically on every rank; each rank then
@@ -98,6 +97,8 @@ class SelfPlaySettings:
     alpha_ch: float = 1.0
     scale_std: bool = False
     invalid_query: str = "penalize"
+    invalid_margin: float = 1.0
+    invalid_margin_scale: str = "spread"
     self_reward_weight: float = 1.0
     micro_batch_size: int = 16
     group_by_length: bool = True  # micro-batches of rows of similar length (lsp.selfplay.passes)
@@ -253,7 +254,8 @@ class SelfPlayModule(L.LightningModule):
         sp.judge_failures = int(out.parse_failed.sum())
         if self.frozen["self_reward"] is not None:
             with timer("self_reward"), adapters_disabled(self.policy):  # pi_ref judges
-                q_out = self.frozen["self_reward"].score(instructions, sp.solver.completions)
+                q_out = self.frozen["self_reward"].score(instructions, sp.solver.completions,
+                                                         group_size=g)
             sp.self_rewards = q_out.values.float().view(-1, g)  # (Nv, G)
             sp.judge_failures += int(q_out.parse_failed.sum())
             sp.self_reward_raw = q_out.raw
@@ -261,7 +263,8 @@ class SelfPlayModule(L.LightningModule):
     def assign_advantages(self, sp: SelfPlayBatch) -> None:
         s = self.settings
         out = adv.selfplay_advantages(sp.rewards, sp.check.valid, sp.self_rewards,
-                                      s.self_reward_weight, s.scale_std, s.invalid_query)
+                                      s.self_reward_weight, s.scale_std, s.invalid_query,
+                                      s.invalid_margin, s.invalid_margin_scale)
         sp.solver_advantages, sp.challenger_advantages = out.solver, out.challenger
         sp.solver_reward, sp.challenger_reward = out.solver_reward, out.challenger_reward
 
