@@ -176,6 +176,7 @@ def test_per_seed_and_pooled_rows(study, tmp_path):
     base = card["**base** pooled (2 seeds)"][1]
     assert base.startswith("25.0 [") and base.endswith("], SD 0.0") and base != "25.0 [25.0, 25.0]"
     assert card["SmolLM2-135M-Instruct model card (lighteval)"][1] == "29.9"
+    assert card["Gap: pooled base minus the card"][1] == "-4.9"  # 25.0 - 29.9
 
 
 def test_primary_endpoint_quoted_and_reported(study, tmp_path):

@@ -1,16 +1,23 @@
 """`python -m lsp.report`: the study report, Markdown with PNG plots, the pipeline's last stage.
 
-Reads, per arm (lsp, lsp_zero, grpo, ...), what the earlier stages wrote: the training run folder
-(`history.csv`, `samples.jsonl`, `config.yaml`), the checkpoint selection (`selection.json`) and the
-evaluation (`details.json`). Any of them may be missing (eval not run, no GRPO arm): the report
-is still written and says what is missing. Writes `<out>/report.md`, `training_curves.png`,
-`win_rates.png`, `selection.png` (and `ifeval_types.png` with IFEval results). Example:
-    python -m lsp.report --train-dir lsp=artifacts/train/lsp --select-dir lsp=artifacts/select/lsp \
-        --eval-dir lsp=artifacts/evaluate/lsp --out artifacts/report
-    python -m lsp.report --root artifacts --out artifacts/report   # every arm found under root
+Reads, per run `<arm>-<seed>` (lsp-0, lsp_zero-1, grpo-2, ...; a name without a seed suffix is a
+run too), what the earlier stages wrote: the training run folder (`history.csv`, `samples.jsonl`,
+`config.yaml`), the checkpoint selection (`selection.json`), the AlpacaEval evaluation
+(`details.json`, per-instruction judgements in `vs_base/annotations.json`) and IFEval
+(`<ifeval>/<run>/details.json`, `records.jsonl`, with the base under each seed `base-<seed>`).
+Any of them may be missing (eval not run, no GRPO arm): the report is still written and says
+what is missing. Writes `<out>/report.md`, `pooled.json` (the statistics pooled over seeds,
+`lsp.study.pooled`), `training_curves.png`, `win_rates.png`, `selection.png` (and
+`ifeval_types.png` with IFEval results). Example:
+    python -m lsp.report --train-dir lsp-0=artifacts/train/lsp-0 \
+        --select-dir lsp-0=artifacts/select/lsp-0 --eval-dir lsp-0=artifacts/evaluate/lsp-0 \
+        --out artifacts/report
+    python -m lsp.report --root artifacts --out artifacts/report   # every run found under root
 
 Here: loading, figures, assembly and the CLI. The Markdown sections are in
-`lsp.study.report_sections`, the table and code-fence helpers in `lsp.study.markdown`.
+`lsp.study.report_sections`, `report_ifeval` and `report_pooled` (per seed and pooled, the
+protocol's primary endpoint, which signal drives training), the table and code-fence helpers in
+`lsp.study.markdown`.
 """
 
 from __future__ import annotations

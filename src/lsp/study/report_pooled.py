@@ -180,6 +180,8 @@ def card_table(stats: Mapping) -> list[str]:
     rows = [[run, _plain(card["per_seed"].get(s))] for s, run in stats["base"]["runs"].items()]
     rows.append([f"**base** pooled ({card['n_seeds']} seeds)", pooled_cell(card, _plain)])
     rows.append(["SmolLM2-135M-Instruct model card (lighteval)", _plain(card["card"])])
+    if card["estimate"] is not None:
+        rows.append(["Gap: pooled base minus the card", _signed(card["estimate"] - card["card"])])
     return table(["Model", "IFEval, card form (%)"], rows)
 
 
