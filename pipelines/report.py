@@ -55,7 +55,8 @@ def main() -> None:
     path = build_report({r: train_dir(r) for r in names}, {r: select_dir(r) for r in names},
                         {r: evaluate_dir(r) for r in names}, OUT,
                         f"{params.report.title} ({params.study_name})",
-                        ifeval_dir=Path("artifacts/ifeval"), protocol=PROTOCOL)
+                        ifeval_dir=Path("artifacts/ifeval"), protocol=PROTOCOL,
+                        timings_dir=Path("artifacts/timings"))
     publish_pooled(params, json.loads((OUT / "pooled.json").read_text()))
     print(f"report -> {path}")
 

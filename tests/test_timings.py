@@ -26,3 +26,13 @@ def test_each_invocation_is_recorded_and_summed(tmp_path, monkeypatch):
         stage("grpo", 1, True)
     got = timings.load(tmp_path / "artifacts" / "timings")["train@grpo-1"]
     assert got["invocations"] == 2 and got["ok"] is False and got["seconds"] >= 0
+
+
+def test_the_report_section_lists_each_stage_and_the_total():
+    found = {"train@lsp-0": {"seconds": 125.0, "invocations": 2, "ok": True},
+             "report": {"seconds": 5.0, "invocations": 1, "ok": False}}
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in timings.section(found) if line.startswith("| ")][1:]  # after the header
+    assert rows == [["train@lsp-0", "2 min 05 s", "2", "yes"], ["report", "0 min 05 s", "1", "no"],
+                    ["total", "2 min 10 s", "", ""]]
+    assert timings.section({}) == []

@@ -33,6 +33,7 @@ from lsp.errors import exit_on_input_error
 from lsp.io import atomic_write_json, read_jsonl
 from lsp.selfplay.callbacks import read_history
 from lsp.study import report_ifeval, report_pooled
+from lsp.study import timings as stage_timings
 from lsp.study.markdown import table
 from lsp.study.params import split_run
 from lsp.study.plots import arm_colors, plot_selection, plot_training_curves, plot_win_rates
@@ -208,11 +209,12 @@ def build_report(train_dirs: dict[str, Path], select_dirs: dict[str, Path],
                  eval_dirs: dict[str, Path], out_dir: Path, title: str = TITLE,
                  sample_steps: int = 3, queries_per_step: int = 3,
                  ifeval_dir: Path | None = None, protocol: Path | None = None,
-                 n_boot: int = report_pooled.P.N_BOOT) -> Path:
+                 n_boot: int = report_pooled.P.N_BOOT, timings_dir: Path | None = None) -> Path:
     """Writes `out_dir/report.md`, its PNGs and `pooled.json` (the pooled statistics); returns
     the Markdown's path. Runs (`<arm>-<seed>`) are the union of the three mappings' keys, in
     that order; any input may be missing. `ifeval_dir` holds `<name>/details.json` and
-    `records.jsonl` for `base-<seed>` and the runs; `protocol` is docs/protocol.md."""
+    `records.jsonl` for `base-<seed>` and the runs; `protocol` is docs/protocol.md;
+    `timings_dir` the stages' wall times (lsp.study.timings)."""
     names = list(dict.fromkeys([*train_dirs, *select_dirs, *eval_dirs]))
     arms = [load_arm(n, _path(train_dirs.get(n)), _path(select_dirs.get(n)),
                      _path(eval_dirs.get(n))) for n in names]
@@ -223,8 +225,10 @@ def build_report(train_dirs: dict[str, Path], select_dirs: dict[str, Path],
     atomic_write_json(out_dir / "pooled.json", pooled)
     figures = render_figures(arms, out_dir, ifeval)
     report = out_dir / "report.md"
-    report.write_text(render_markdown(arms, figures, title, sample_steps, queries_per_step,
-                                      ifeval, pooled, protocol))
+    text = render_markdown(arms, figures, title, sample_steps, queries_per_step, ifeval, pooled,
+                           protocol)
+    timed = stage_timings.section(stage_timings.load(timings_dir)) if timings_dir else []
+    report.write_text(text + ("\n" + "\n".join(timed).rstrip() + "\n" if timed else ""))
     return report
 
 
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> Path:
     evals |= dict(args.eval_dir)
     ifeval = args.ifeval_dir or (args.root / "ifeval" if args.root else None)
     path = build_report(train, select, evals, args.out, args.title, args.sample_steps,
-                        args.queries_per_step, ifeval, args.protocol, args.n_boot)
+                        args.queries_per_step, ifeval, args.protocol, args.n_boot,
+                        args.root / "timings" if args.root else None)
     print(f"report: {path}")
     return path
 

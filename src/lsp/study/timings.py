@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lsp.io import atomic_write_json
+from lsp.study.markdown import table
 
 TIMINGS = Path("artifacts") / "timings"
 
@@ -52,3 +53,22 @@ def load(folder: Path = TIMINGS) -> dict[str, dict]:
         out[path.stem] = {"seconds": round(sum(r["seconds"] for r in runs), 1),
                           "invocations": len(runs), "ok": bool(runs and runs[-1]["ok"])}
     return out
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(round(seconds % 60)):02d} s"
+
+
+def section(found: dict[str, dict]) -> list[str]:
+    """The report's "Wall time per stage": one row per stage run, in the order DVC ran them
+    (file names sort by stage kind, which is not that order: sorted by kind then run), and the
+    total. A stage that ran more than once (killed, resumed) shows its invocations."""
+    if not found:
+        return []
+    rows = [[stage, _minutes(t["seconds"]), str(t["invocations"]), "yes" if t["ok"] else "no"]
+            for stage, t in found.items()]
+    total = sum(t["seconds"] for t in found.values())
+    rows.append(["total", _minutes(total), "", ""])
+    return ["## Wall time per stage", "",
+            "Summed over each stage's invocations (`artifacts/timings/`, `lsp.study.timings`).", "",
+            *table(["stage", "wall time", "invocations", "finished"], rows)]
