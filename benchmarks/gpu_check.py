@@ -280,12 +280,12 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['size']} | {r['mode']} | {r['device']} | FAILED: {r['error']} |")
             continue
         peak = r.get("peak_allocated_gb", r.get("peak_rss_gb"))
-        peak_s = f"{peak:.1f}" + ("" if "peak_allocated_gb" in r else " (RSS)")
+        peak_s = f"{peak:.3g}" + ("" if "peak_allocated_gb" in r else " (RSS)")
         reads = f"{r['reads_per_token']:.3g}" + ("" if r["checks"]["syncs"] is not None
                                                  else " (CPU loop: by design)")
         cells = (r["size"], r["mode"], r["device"], f"{r['step_s']:.1f}", peak_s,
-                 f"{r['estimated_gb']:.1f}", f"{r['off_device']}/{r['tensors']}",
-                 f"{r['gap_mean']:.4f} / {r['gap_max']:.3f}", reads,
+                 f"{r['estimated_gb']:.3g}", f"{r['off_device']}/{r['tensors']}",
+                 f"{r['gap_mean']:.2e} / {r['gap_max']:.2e}", reads,
                  "PASS" if r["pass"] else "FAIL")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
