@@ -83,6 +83,7 @@ RUNS = tuple(f"{a}-{s}" for a in ("lsp", "lsp_zero", "grpo") for s in (0, 1))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~8 min on an idle 2-core machine; far longer beside other work
 def test_smoke_study_end_to_end(clean_copy):
     """The whole seed and control structure at tiny size: 3 arms (LSP, LSP-Zero, the GRPO data
     control) x 2 seeds, the base under each seed, per-seed and pooled rows in the report, the
@@ -111,17 +112,17 @@ def test_smoke_study_end_to_end(clean_copy):
     second = _run([str(BIN / "dvc"), "repro"], clean_copy)
     assert _ran(second) == set(), second
 
-    # `dvc exp run -S` composes conf/ afresh with exactly its overrides (DVC's Hydra support)
-    sets = [a for o in [*smoke, "arms.lsp.algo.beta=0.1"] for a in ("-S", o)]
+    # `dvc exp run -S` composes conf/ afresh with exactly its overrides (DVC's Hydra support).
+    # One seed in the experiment (CI's time): the LSP run of that seed and what follows it rerun.
+    sets = [a for o in [*smoke, "arms.lsp.algo.beta=0.1", "seeds=[0]"] for a in ("-S", o)]
     third = _run([str(BIN / "dvc"), "exp", "run", *sets], clean_copy)
     diff = _run([str(BIN / "dvc"), "params", "diff", "--all"], clean_copy)
     assert re.search(r"arms\.lsp\.algo\.beta\s+0\.05\s+0\.1", diff), diff
-    # LSP under both seeds and everything after it; nothing else
-    assert {"train@lsp-0", "train@lsp-1", "select@lsp-1", "score@lsp-0", "report"} <= _ran(third)
-    assert not {"prepare", "prompts", "train@lsp_zero-0", "train@grpo-1", "generate_base@0"} & _ran(third)
+    assert _ran(third) == {"train@lsp-0", "select@lsp-0", "generate@lsp-0", "score@lsp-0",
+                           "ifeval@lsp-0", "report"}, third
     exp = _run([str(BIN / "dvc"), "exp", "ls", "--name-only"], clean_copy).split()
     assert len(exp) == 1, exp
-    check_study_runs(clean_copy, ("lsp-0", "lsp-1"), exp[0])
+    check_study_runs(clean_copy, ("lsp-0",), exp[0])
     # the README's comparison of experiments on one figure fits a terminal
     shown = _run([str(BIN / "dvc"), "exp", "show", "--drop", ".*", "--keep",
                   r"Experiment|^algo.beta$|.*ifeval/lsp(_zero)?-0.json:prompt_strict$"], clean_copy)
