@@ -234,16 +234,15 @@ def test_pooled_json_and_the_headline_figures(study, tmp_path):
     lo, hi = seen["ci95"]
     alpaca = stats["arms"]["lsp"]["alpaca"]["overall"]
     assert headline.pooled_figures(stats["arms"]["lsp"]) == {
-        "seen_loose": 16.7, "ci_low": round(lo, 1), "ci_high": round(hi, 1), "seed_sd": 23.6,
-        "n_seeds": 2, "win_rate": 43.8}
+        "seen": 16.7, "lo": round(lo, 1), "hi": round(hi, 1), "sd": 23.6, "win_rate": 43.8}
     # all: strict (25 + 0) / 2, loose (50 + 0) / 2; held out loose (100 + 0) / 2
     assert headline.pooled_extra(stats["arms"]["lsp"]) == {
         "all_strict": 12.5, "all_loose": 25.0, "held_out_loose": 50.0,
-        "win_ci_low": round(alpaca["ci95"][0], 1), "win_ci_high": round(alpaca["ci95"][1], 1)}
+        "win_ci_low": round(alpaca["ci95"][0], 1), "win_ci_high": round(alpaca["ci95"][1], 1),
+        "n_seeds": 2}
     card = stats["base"]["card"]
     assert headline.card_figures(card) == {
-        "card": 25.0, "ci_low": round(card["ci95"][0], 1), "ci_high": round(card["ci95"][1], 1),
-        "seed_sd": 0.0, "n_seeds": 2}
+        "card": 25.0, "lo": round(card["ci95"][0], 1), "hi": round(card["ci95"][1], 1), "sd": 0.0}
 
 
 def test_cli_finds_the_runs_and_their_bases_under_root(study, tmp_path):
@@ -292,7 +291,7 @@ def test_the_report_stage_publishes_per_arm_metrics_and_parents(study, tmp_path,
     assert set(parents) == {"lsp", "grpo", "base"}
     assert parents["lsp"].data.tags["lsp.arm"] == "lsp"
     metrics = parents["lsp"].data.metrics
-    assert metrics["pooled/seen_loose"] == 16.7 and metrics["pooled/held_out_loose"] == 50.0
+    assert metrics["pooled/seen"] == 16.7 and metrics["pooled/held_out_loose"] == 50.0
     assert parents["base"].data.metrics["pooled/card"] == 25.0
 
 

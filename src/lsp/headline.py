@@ -13,14 +13,14 @@ percentages to 0.1 point, rewards and KL to 3 decimals, p-values to 3 significan
 - ifeval:  prompt_strict, prompt_loose (%), and for an arm delta (prompt-level strict minus the
            base, points, paired) and p (exact McNemar); its bootstrap 95% CI is in details.json
            and the report (two more columns would take `dvc metrics show` past 160 characters)
-- pooled (the report stage; lsp.study.pooled), per arm (metrics/pooled/<arm>.json): seen_loose
-           (the primary endpoint: seen-type IFEval prompts, prompt-level loose, the mean over
-           seeds of the paired difference against base-<seed>, points), ci_low / ci_high (its
-           two-level bootstrap 95% CI), seed_sd (null with one seed), n_seeds, win_rate (the
-           AlpacaEval win rate against base-<seed>, pooled, %); for the base
-           (metrics/pooled/base.json) card (IFEval in the model card's form, %) with the same
-           ci_low, ci_high, seed_sd, n_seeds. The arm's MLflow parent also gets all_strict,
-           all_loose, held_out_loose (pooled differences) and win_ci_low / win_ci_high
+- pooled (the report stage; lsp.study.pooled), per arm (metrics/pooled/<arm>.json): seen (the
+           primary endpoint: seen-type IFEval prompts, prompt-level loose, the mean over seeds of
+           the paired difference against base-<seed>, points), lo / hi (its two-level bootstrap
+           95% CI), sd (the seed-to-seed SD; null with one seed), win_rate (the AlpacaEval win
+           rate against base-<seed>, pooled, %); for the base (metrics/pooled/base.json) card
+           (IFEval in the model card's form, %) with the same lo, hi, sd. The arm's MLflow
+           parent also gets all_strict, all_loose, held_out_loose (pooled differences),
+           win_ci_low / win_ci_high and n_seeds
 """
 
 from __future__ import annotations
@@ -80,29 +80,33 @@ def ifeval_figures(details: Mapping) -> dict:
 
 
 def _spread(p: Mapping) -> dict:
-    """A pooled figure's (lsp.study.pooled.pooled) 95% CI, seed SD and seed count."""
+    """A pooled figure's (lsp.study.pooled.pooled) 95% CI (`lo`, `hi`) and seed SD (`sd`); short
+    names: `dvc metrics show` has a column per name (the seed count is on the MLflow parent)."""
     lo, hi = p.get("ci95") or (None, None)
-    return {"ci_low": _r(lo, 1), "ci_high": _r(hi, 1), "seed_sd": _r(p.get("seed_sd"), 1),
-            "n_seeds": p.get("n_seeds", 0)}
+    return {"lo": _r(lo, 1), "hi": _r(hi, 1), "sd": _r(p.get("seed_sd"), 1)}
 
 
 def pooled_figures(arm: Mapping) -> dict:
-    """One arm's pooled statistics (the report's pooled.json, `arms.<arm>`) -> the primary
-    endpoint with its CI, seed SD and seed count, and the pooled AlpacaEval win rate."""
+    """One arm's pooled statistics (the report's pooled.json, `arms.<arm>`) -> `seen`, the
+    primary endpoint (IFEval prompt-level loose on the seen-type prompts, the mean paired
+    difference against the base in points), its CI and seed SD, and the pooled AlpacaEval win
+    rate."""
     primary = arm["ifeval"]["seen"]["prompt_loose"]
-    return {"seen_loose": _r(primary.get("estimate"), 1), **_spread(primary),
+    return {"seen": _r(primary.get("estimate"), 1), **_spread(primary),
             "win_rate": _r(arm["alpaca"]["overall"].get("estimate"), 1)}
 
 
 def pooled_extra(arm: Mapping) -> dict:
     """The arm's secondary pooled figures, for its MLflow parent only (`dvc metrics show` keeps
-    to a dozen columns): IFEval differences on all and held-out prompts, the win rate's CI."""
+    to a few columns): IFEval differences on all and held-out prompts, the win rate's CI, the
+    seed count."""
     ife = arm["ifeval"]
     lo, hi = arm["alpaca"]["overall"].get("ci95") or (None, None)
     return {"all_strict": _r(ife["all"]["prompt_strict"].get("estimate"), 1),
             "all_loose": _r(ife["all"]["prompt_loose"].get("estimate"), 1),
             "held_out_loose": _r(ife["held_out"]["prompt_loose"].get("estimate"), 1),
-            "win_ci_low": _r(lo, 1), "win_ci_high": _r(hi, 1)}
+            "win_ci_low": _r(lo, 1), "win_ci_high": _r(hi, 1),
+            "n_seeds": ife["seen"]["prompt_loose"].get("n_seeds", 0)}
 
 
 def card_figures(card: Mapping) -> dict:
