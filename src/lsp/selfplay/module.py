@@ -67,6 +67,7 @@ from lsp.selfplay.metrics import step_metrics
 from lsp.selfplay.passes import RolePass, backward_role, reference_logprobs
 from lsp.selfplay.prompts import check_queries
 from lsp.selfplay.records import QueryCheck, SelfPlayBatch
+from lsp.selfplay.rewards import group_kwargs
 from lsp.selfplay.runtime import (
     PhaseTimer,
     configure_cpu_allocator,
@@ -255,7 +256,7 @@ class SelfPlayModule(L.LightningModule):
         if self.frozen["self_reward"] is not None:
             with timer("self_reward"), adapters_disabled(self.policy):  # pi_ref judges
                 q_out = self.frozen["self_reward"].score(instructions, sp.solver.completions,
-                                                         group_size=g)
+                                                         **group_kwargs(self.frozen["self_reward"], g))
             sp.self_rewards = q_out.values.float().view(-1, g)  # (Nv, G)
             sp.judge_failures += int(q_out.parse_failed.sum())
             sp.self_reward_raw = q_out.raw

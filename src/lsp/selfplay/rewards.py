@@ -52,6 +52,7 @@ The score digits must be single tokens and tokenise the same after the prefix as
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Literal, Protocol, get_args
 
@@ -326,6 +327,13 @@ class QualitySelfReward(_DigitJudge):
                              engine=self.engine_name)
         texts = self.engine.generate(prompts, cfg, greedy=True).completions
         return quality_scores(texts, self.max_score, self.fallback, group_size)
+
+
+def group_kwargs(source, group_size: int) -> dict:
+    """`group_size` for a self-reward whose `score` takes it (QualitySelfReward: the fallback of an
+    unparsable verdict is its group's mean); a source with the plain `score(instructions,
+    responses)` of lsp.selfplay.rewards.RewardSource gets nothing more."""
+    return {"group_size": group_size} if "group_size" in inspect.signature(source.score).parameters else {}
 
 
 def quality_scores(texts: list[str], max_score: int, fallback: str,
