@@ -14,6 +14,7 @@ from lsp.study.params import (
     eval_config,
     generate_dir,
     load_params,
+    run_argv,
     run_name,
     select_dir,
 )
@@ -33,4 +34,4 @@ def main(arm: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(*run_argv(sys.argv))

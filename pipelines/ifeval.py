@@ -18,6 +18,7 @@ from lsp.study.params import (
     ifeval_dir,
     load_params,
     metrics_file,
+    run_argv,
     run_name,
     study_logger,
 )
@@ -43,4 +44,4 @@ def main(arm: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(*run_argv(sys.argv))

@@ -15,6 +15,7 @@ from lsp.study.params import (
     eval_config,
     load_params,
     metrics_file,
+    run_argv,
     run_name,
     select_dir,
     study_logger,
@@ -35,4 +36,4 @@ def main(arm: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(*run_argv(sys.argv))

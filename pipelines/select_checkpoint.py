@@ -15,6 +15,7 @@ from lsp.evaluation.selection import select
 from lsp.study.params import (
     load_params,
     metrics_file,
+    run_argv,
     run_name,
     select_dir,
     study_logger,
@@ -41,4 +42,4 @@ def main(arm: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(*run_argv(sys.argv))

@@ -16,6 +16,7 @@ from lsp.study.params import (
     mark_complete,
     metrics_file,
     resume_or_clear,
+    run_argv,
     run_name,
     study_logger,
     train_config,
@@ -44,4 +45,4 @@ def main(arm: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(*run_argv(sys.argv))

@@ -27,7 +27,8 @@ CASES = {
                           "eval.judge.temperature: unknown key"),
     "select without its run": (["-m", "lsp.select"], "'run_dir' is missing"),
     "report without its folder": (["-m", "lsp.report", "--root", "nope"], "nope"),
-    "malformed params.yaml": ([str(REPO / "pipelines" / "train.py"), "lsp"], "params.yaml"),
+    "malformed params.yaml": ([str(REPO / "pipelines" / "train.py"), "lsp", "0"], "params.yaml"),
+    "stage run without its seed": ([str(REPO / "pipelines" / "train.py"), "lsp"], "<arm> <seed>"),
 }
 
 

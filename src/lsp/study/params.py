@@ -50,6 +50,18 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}-{seed}"
 
 
+def run_argv(argv: list[str]) -> tuple[str, int]:
+    """`<arm> <seed>` from a per-run stage's command line (sys.argv); anything else is one
+    `error: usage: ...` line and exit status 2, as for any bad input (lsp.errors)."""
+    import sys
+
+    if len(argv) != 3 or not argv[2].isdigit():
+        got = " ".join(argv[1:]) or "nothing"
+        print(f"error: usage: python {argv[0]} <arm> <seed> (got {got})", file=sys.stderr)
+        sys.exit(2)
+    return argv[1], int(argv[2])
+
+
 def split_run(name: str) -> tuple[str, int | None]:
     """`lsp_zero-2` -> ("lsp_zero", 2); a name without a seed suffix -> (name, None)."""
     arm, sep, seed = name.rpartition("-")
