@@ -163,8 +163,9 @@ def test_invalid_margin_in_units_of_the_reward_spread():
     torch.testing.assert_close(out.challenger_reward, torch.tensor([-1.0, -5.0, -3.0, -5.0]))
     # mean -14 / 4 = -3.5 -> [2.5, -1.5, 0.5, -1.5]
     torch.testing.assert_close(out.challenger, torch.tensor([2.5, -1.5, 0.5, -1.5]))
-    # every answer scored the same: no spread, the invalid query ties with the worst valid one
-    assert invalid_margin(torch.ones(2, 2), 1.0) == 0.0
+    # every answer scored the same: no spread; the margin falls back to reward units, so an
+    # invalid query still sits below the valid ones
+    assert invalid_margin(torch.ones(2, 2), 0.5) == 0.5
     with pytest.raises(ValueError, match="relative"):
         invalid_margin(rewards, 1.0, "relative")
 

@@ -9,7 +9,6 @@ from lsp.study import timings
 
 
 def test_each_invocation_is_recorded_and_summed(tmp_path, monkeypatch):
-    monkeypatch.setattr(timings, "TIMINGS", tmp_path)
 
     @timings.timed(lambda arm, seed, *_: f"train@{arm}-{seed}")
     def stage(arm, seed, fail=False):

@@ -135,7 +135,10 @@ def test_a_mixed_batch_of_valid_and_invalid_queries(compose_cfg, workdir, rule):
     assert sp.solver.sequences.shape[0] == 2 * g and sp.rewards.shape == (2, g)
     r_valid = -sp.rewards.mean(1) + sp.self_rewards.mean(1)  # LSP: -V + V_Q, the valid two
     # the default margin: 1.0 x the population std of the valid Solver rewards R + R_Q
-    worst = r_valid.min() - sp.solver_reward.float().std(correction=0)
+    # (lsp.selfplay.advantages.invalid_margin, tested by hand in tests/test_advantages.py)
+    from lsp.selfplay.advantages import invalid_margin
+
+    worst = r_valid.min() - invalid_margin(sp.solver_reward)
     torch.testing.assert_close(sp.challenger_reward, torch.cat([worst[None], r_valid]))
     if rule == "penalize":  # all three in the batch baseline
         mean = (worst + r_valid.sum()) / 3

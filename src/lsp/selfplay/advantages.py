@@ -80,14 +80,14 @@ def invalid_margin(solver_reward: Tensor, margin: float = 1.0, scale: str = "spr
     """How far below the worst valid query an invalid one's Challenger reward sits (module doc).
 
     solver_reward (Nv, G): the valid queries' Solver rewards; "spread" scales `margin` by their
-    population std over all Nv x G answers (0 when every answer scored the same: the invalid
-    query then ties with the worst valid one), "absolute" uses `margin` as it is.
+    population std over all Nv x G answers, "absolute" uses `margin` as it is. When every answer
+    scored the same (std 0) "spread" falls back to `margin` reward units: a zero margin would tie
+    a degenerate query with the real ones, and validity is then the step's only signal.
     """
     if scale not in MARGIN_SCALES:
         raise ValueError(f"unknown margin scale {scale!r}; expected {MARGIN_SCALES}")
-    if scale == "absolute":
-        return float(margin)
-    return float(margin) * solver_reward.float().std(correction=0).item()
+    spread = solver_reward.float().std(correction=0).item()
+    return float(margin) * (spread if scale == "spread" and spread > 0 else 1.0)
 
 
 class Advantages(NamedTuple):

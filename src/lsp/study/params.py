@@ -68,13 +68,6 @@ def split_run(name: str) -> tuple[str, int | None]:
     return (arm, int(seed)) if sep and seed.isdigit() else (name, None)
 
 
-def with_seed(params: DictConfig, seed: int) -> DictConfig:
-    """params with `seed` set to the run's seed (every stage reads its sampling seed there)."""
-    out = params.copy()
-    out.seed = seed
-    return out
-
-
 def queries_path(arm: str) -> Path:
     """Where an arm's queries are recorded by the `prompts` stage: a data arm's cleaned prompt
     set, or a self-play arm's Challenger prompt (what train@<arm>-<seed> depends on)."""
